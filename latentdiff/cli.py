@@ -1,0 +1,191 @@
+"""The ``latentdiff`` command: generate, info, schedules.
+
+User mistakes (bad arguments, missing or damaged files) print one ``latentdiff: error: ...``
+line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import InvalidInputError, LatentDiffusionError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        raise InvalidInputError(f"{message} (see '{self.prog} --help')")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512 (WIDTHxHEIGHT), got {text!r}") from None
+    return w, h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .presets import PRESETS
+    from .schedulers import SAMPLERS
+
+    parser = _Parser(prog="latentdiff", description="Latent text-to-image diffusion, offline and reproducible.")
+    parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="make images from a prompt (or remake one from its PNG)")
+    g.add_argument("prompt", nargs="?", help='the prompt ("" for an unconditional image)')
+    g.add_argument("--negative", default=None, help="negative prompt (what to steer away from)")
+    g.add_argument("-n", "--num-images", type=int, default=None, help="images to make (default 1)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--rescale", type=float, default=None, help="guidance rescale, 0..1 (default 0)")
+    g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    g.add_argument("--scheduler", choices=list(SAMPLERS), default=None, metavar="NAME",
+                   help=f"sampler: {', '.join(SAMPLERS)} (default: the model's own)")  # fmt: skip
+    g.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="diffusers-format model folder")
+    src.add_argument("--preset", choices=list(PRESETS), default=None, help="random weights of a named architecture")
+    g.add_argument("--preset-seed", type=int, default=0, help="seed of the --preset weights (default 0)")
+    g.add_argument("--from-png", default=None, metavar="FILE", help="remake the image whose recipe FILE carries")
+    g.add_argument("-o", "--output", default=".", help="FILE.png, or a folder (default: current folder)")
+    g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cuda if available)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    i = sub.add_parser("info", help="describe a model: parts, parameter counts, dtypes, scheduler, weight hash")
+    i.add_argument("model", nargs="?", help="model folder (or use --preset)")
+    i.add_argument("--preset", choices=list(PRESETS), default=None)
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    s = sub.add_parser("schedules", help="compare the training noise schedules (alpha-bar and log-SNR)")
+    s.add_argument("--plot", metavar="FILE.png", default=None, help="write the figure to FILE.png")
+    s.add_argument("--timesteps", type=int, default=1000, help="number of training timesteps T (default 1000)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"generate": _generate, "info": _info, "schedules": _schedules}[args.command](args)
+    except LatentDiffusionError as e:
+        print(f"latentdiff: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("latentdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(model: Optional[str], preset: Optional[str], preset_seed: int = 0):
+    from .pipeline import LatentDiffusion
+
+    if preset is not None:
+        return LatentDiffusion.from_preset(preset, seed=preset_seed)
+    return LatentDiffusion.from_pretrained(model)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _generate(args) -> int:
+    from .metadata import read_recipe
+    from .pipeline import call_kwargs
+
+    request: dict = {}
+    model, preset, preset_seed = args.model, args.preset, args.preset_seed
+    if args.from_png:
+        recipe = read_recipe(args.from_png)
+        request = call_kwargs(recipe)
+        if model is None and preset is None:  # the recipe's own model unless one is named
+            source = recipe.get("model") or {}
+            model, preset, preset_seed = source.get("path"), source.get("preset"), source.get("seed", 0)
+    elif args.prompt is None:
+        raise InvalidInputError("give a prompt, e.g. latentdiff generate \"a red apple\", or --from-png FILE")
+    overrides = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.cfg,
+        "guidance_rescale": args.rescale,
+        "scheduler": args.scheduler,
+        "eta": args.eta,
+        "seed": args.seed,
+    }
+    if args.size is not None:
+        overrides["width"], overrides["height"] = args.size
+    request.update({k: v for k, v in overrides.items() if v is not None})
+    if args.num_images is not None:
+        if args.from_png:
+            raise InvalidInputError("--from-png remakes one image; drop -n")
+        request["num_images_per_prompt"] = args.num_images
+
+    pipe = _load(model, preset, preset_seed).to(args.device or _default_device())
+    if args.from_png and recipe.get("model_hash") not in (None, pipe.weight_hash()):
+        print(
+            f"latentdiff: warning: the model's weight hash {pipe.weight_hash()} differs from the "
+            f"recipe's {recipe['model_hash']}; the image will not match",
+            file=sys.stderr,
+        )
+    result = pipe(**request, progress=not args.no_progress)
+    for path in result.save(args.output):
+        print(path)
+    return 0
+
+
+def _info(args) -> int:
+    if args.model is None and args.preset is None:
+        raise InvalidInputError("give a model folder or --preset NAME")
+    if args.model is not None and args.preset is not None:
+        raise InvalidInputError("give a model folder or --preset NAME, not both")
+    info = _load(args.model, args.preset).describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"source: {json.dumps(info['source'])}")
+    print(f"weight hash: {info['weight_hash']}")
+    print(f"default size: {info['default_size'][0]}x{info['default_size'][1]}, prediction: {info['prediction_type']}")
+    total = 0
+    for name, part in info["components"].items():
+        if "parameters" in part:
+            total += part["parameters"]
+            print(f"  {name:<13} {part['class']:<22} {part['parameters']:>14,} params  {part['dtype']}")
+        else:
+            print(f"  {name:<13} {part['class']:<22} vocabulary {part['vocab_size']:,}")
+    print(f"  {'total':<13} {'':<22} {total:>14,} params")
+    print("scheduler config:")
+    for key, value in sorted(info["scheduler"].items()):
+        print(f"  {key} = {json.dumps(value)}")
+    return 0
+
+
+def _schedules(args) -> int:
+    from .schedulers import NOISE_SCHEDULES, alphas_cumprod, log_snr, plot_schedules
+
+    T = args.timesteps
+    if T < 2:
+        raise InvalidInputError(f"--timesteps must be at least 2, got {T}")
+    marks = sorted({1, T // 4, T // 2, 3 * T // 4, T})
+    print(f"{'schedule':<34}" + "".join(f"{'abar_' + str(t):>12}" for t in marks) + f"{'logSNR_T':>12}")
+    for name in NOISE_SCHEDULES:
+        for zsnr in (False, True):
+            ab = alphas_cumprod(name, T, zsnr)
+            label = name + (" + zero-terminal-SNR" if zsnr else "")
+            print(f"{label:<34}" + "".join(f"{ab[t - 1].item():>12.5f}" for t in marks) + f"{log_snr(ab)[-1].item():>12.2f}")
+    if args.plot:
+        plot_schedules(args.plot, T)
+        print(Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""``LatentDiffusion``: the components, loading and saving, and the text-to-image call."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from . import components, presets
+from .errors import InvalidInputError, MissingFileError
+from .metadata import save_png, weight_hash
+from .prompts import encode_prompts
+from .sampling import StepCallback, denoise, initial_latents, make_generators, step_kwargs
+from .schedulers import check_sampler_name, make_scheduler, scheduler_from_config
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SEED = 2**64 - 1
+# Keys of an image's params that are also arguments of LatentDiffusion.__call__.
+CALL_KEYS = (
+    "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
+    "guidance_rescale", "scheduler", "eta", "height", "width",
+)  # fmt: skip
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+
+
+@dataclass
+class GenerationResult:
+    """What a pipeline call returns: one entry per image in each field."""
+
+    images: Any  # list of PIL images, or a (B, 3, H, W) / (B, H, W, 3) array, or (B, C, h, w) latents
+    seeds: list[int]
+    params: list[dict[str, Any]]  # everything needed to make image i again: pipe(**call_kwargs(p))
+
+    def save(self, target: Union[str, Path]) -> list[Path]:
+        """Write the images as PNGs with their recipes and return the paths.
+
+        ``target`` ending in ``.png`` names the file (``name-1.png``, ``name-2.png``, ... when there
+        are several images); anything else is a folder, created if needed, holding ``NNNN-SEED.png``.
+        """
+        if not isinstance(self.images, list):
+            raise InvalidInputError("only output_type='pil' results can be saved as PNG files")
+        target = Path(target)
+        if target.suffix.lower() == ".png":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            names = (
+                [target]
+                if len(self.images) == 1
+                else [target.with_name(f"{target.stem}-{i + 1}.png") for i in range(len(self.images))]
+            )
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            names = [target / f"{i:04d}-{s}.png" for i, s in enumerate(self.seeds)]
+        return [save_png(im, name, p) for im, name, p in zip(self.images, names, self.params)]
+
+
+def call_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline arguments that remake the image described by ``params`` (an image's recipe)."""
+    return {k: params[k] for k in CALL_KEYS if k in params}
+
+
+class LatentDiffusion:
+    """A latent text-to-image model: VAE, CLIP text encoder and tokenizer, U-Net, scheduler.
+
+    Build one with :meth:`from_pretrained` (a diffusers-format folder) or :meth:`from_preset`
+    (random weights of a named architecture), then call it with a prompt.
+    """
+
+    def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler_config: dict, source: dict):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        # The raw scheduler config of the model (as in scheduler/scheduler_config.json); named
+        # samplers are built from it, see schedulers.py for why not from self.scheduler.config.
+        self.scheduler_config = dict(scheduler_config)
+        self.scheduler = scheduler_from_config(self.scheduler_config)
+        self.source = source  # where the weights came from: {"path": ...} or {"preset": ..., "seed": ...}
+        self._hash: Optional[str] = None
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Union[str, Path, None] = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        variant: Optional[str] = None,
+    ) -> "LatentDiffusion":
+        """Load a diffusers-format SD 1.x / 2.x folder; with no path, the embedded default model.
+
+        Never touches the network. ``variant`` picks files such as ``*.fp16.safetensors``.
+        """
+        if path is None:
+            if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+                raise MissingFileError(
+                    "this latentdiff build has no embedded default model yet; pass a model folder "
+                    "(from_pretrained(PATH), --model PATH) or random weights (from_preset('tiny'), --preset tiny)"
+                )
+            path = DEFAULT_MODEL_DIR
+        parts = components.load_folder(path, dtype=dtype, variant=variant)
+        return cls(**parts, source={"path": str(Path(path).resolve())})
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0) -> "LatentDiffusion":
+        """Random weights of architecture ``name`` (``tiny``, ``sd15``, ``sd21``); same seed, same weights."""
+        return cls(**presets.build_components(name, seed), source={"preset": name, "seed": seed})
+
+    def save_pretrained(self, path: Union[str, Path]) -> Path:
+        """Write a diffusers-format folder (safetensors) that diffusers' StableDiffusionPipeline loads too."""
+        return components.save_folder(
+            path,
+            unet=self.unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler_config=self.scheduler_config,
+        )
+
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None):
+        """Move (and optionally cast) the three networks; returns the pipeline."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            if device is not None:
+                module.to(device)
+            if dtype is not None and not getattr(module, "_keep_in_fp32_modules", None):
+                # diffusers' own .to() warns about fp32-only modules even when there are none
+                torch.nn.Module.to(module, dtype=dtype)
+            elif dtype is not None:
+                module.to(dtype)
+        if dtype is not None:
+            self._hash = None
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def weight_hash(self) -> str:
+        """Hash of all network weights (computed once, then cached; see ``metadata.weight_hash``)."""
+        if self._hash is None:
+            self._hash = weight_hash((("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)))
+        return self._hash
+
+    def describe(self) -> dict[str, Any]:
+        """Components, parameter counts, dtypes, scheduler config and weight hash (for ``latentdiff info``)."""
+        parts = {}
+        for name in ("unet", "vae", "text_encoder"):
+            module = getattr(self, name)
+            parts[name] = {
+                "class": type(module).__name__,
+                "parameters": sum(p.numel() for p in module.parameters()),
+                "dtype": str(module.dtype).removeprefix("torch."),
+                "device": str(module.device),
+            }
+        parts["tokenizer"] = {"class": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer)}
+        return {
+            "source": self.source,
+            "components": parts,
+            "default_size": [self.default_size] * 2,
+            "prediction_type": self.scheduler_config.get("prediction_type", "epsilon"),
+            "scheduler": self.scheduler_config,
+            "weight_hash": self.weight_hash(),
+        }
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    # -- generation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, Sequence[str]],
+        negative_prompt: Union[str, Sequence[str], None] = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        seed: Union[int, Sequence[int], None] = None,
+        scheduler: Optional[str] = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        callback: Optional[StepCallback] = None,
+        progress: Optional[bool] = None,
+    ) -> GenerationResult:
+        """Text to image.
+
+        Image order is prompt-major: all images of prompt 0, then of prompt 1, and so on. Image i
+        is made from ``seeds[i]`` alone (see the seed contract in the README). ``scheduler`` is a
+        name from ``latentdiff.schedulers.SAMPLERS``, or None for the model's own. ``callback``
+        is called after every step as ``callback(step_index, timestep, latents)``. ``progress``
+        shows a progress bar (default: when stderr is a terminal).
+        """
+        # 1. check the request and expand it to one entry per image
+        prompts = _as_prompt_list(prompt, "prompt")
+        negatives = [""] * len(prompts) if negative_prompt is None else _as_prompt_list(negative_prompt, "negative_prompt")
+        if len(negatives) != len(prompts):
+            raise InvalidInputError(
+                f"got {len(prompts)} prompts but {len(negatives)} negative prompts; give one negative "
+                "prompt per prompt, or a single string for all"
+            )
+        n = _positive_int(num_images_per_prompt, "num_images_per_prompt")
+        steps = _positive_int(num_inference_steps, "num_inference_steps")
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            _check_size(name, value, self.vae_scale_factor)
+        _check_float(guidance_scale, "guidance_scale", 0.0, None, "use 1 for no guidance, 7.5 is usual")
+        _check_float(guidance_rescale, "guidance_rescale", 0.0, 1.0, "0.7 is usual with v-prediction models")
+        _check_float(eta, "eta", 0.0, None, "eta is DDIM's noise level, 0 = deterministic")
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        total = len(prompts) * n
+        seeds = _expand_seeds(seed, total)
+        sched = self._make_scheduler(scheduler)
+        if eta > 0 and "eta" not in step_kwargs(sched, [], eta):
+            warnings.warn(f"eta={eta} has no effect with scheduler {scheduler or type(sched).__name__}; use 'ddim'")
+        if progress is None:
+            progress = sys.stderr.isatty()
+
+        # 2. encode the prompts: (B, 77, D), B = total; no unconditional pass without guidance
+        cond = encode_prompts(self.tokenizer, self.text_encoder, prompts).repeat_interleave(n, dim=0)
+        uncond = None
+        if guidance_scale > 1.0:
+            uncond = encode_prompts(self.tokenizer, self.text_encoder, negatives).repeat_interleave(n, dim=0)
+
+        # 3. the starting latents, one private generator per image: (B, C, H/8, W/8)
+        generators = make_generators(seeds)
+        sched.set_timesteps(steps, device=self.device)
+        f = self.vae_scale_factor
+        shape = (self.unet.config.in_channels, height // f, width // f)
+        latents = initial_latents(generators, shape, device=self.device, dtype=cond.dtype) * sched.init_noise_sigma
+
+        # 4. denoise
+        latents = denoise(
+            self.unet, sched, latents, cond, uncond,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            generators=generators, eta=eta, callback=callback, progress=progress,
+        )  # fmt: skip
+
+        # 5. decode
+        images = latents if output_type == "latent" else self._decode(latents, output_type)
+        base = {
+            "num_inference_steps": steps,
+            "guidance_scale": float(guidance_scale),
+            "guidance_rescale": float(guidance_rescale),
+            "scheduler": scheduler,
+            "eta": float(eta),
+            "height": height,
+            "width": width,
+            "model": self.source,
+            "model_hash": self.weight_hash(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "latentdiff_version": _version(),
+        }
+        params = [
+            {"prompt": prompts[i // n], "negative_prompt": negatives[i // n], "seed": seeds[i], **base}
+            for i in range(total)
+        ]
+        return GenerationResult(images=images, seeds=seeds, params=params)
+
+    def _make_scheduler(self, name: Optional[str]):
+        if name is None:
+            return _fresh(self.scheduler)  # the model's own, or whatever the user set pipe.scheduler to
+        check_sampler_name(name)
+        return make_scheduler(name, self.scheduler_config)
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        """z_0 (B, C, h, w) -> images: (x / scaling_factor) through the VAE decoder, then [-1, 1] -> [0, 1]."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        config = self.vae.config
+        z = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None):
+            z = z + config.shift_factor
+        decoded = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(decoded, output_type=output_type)
+
+
+def _fresh(scheduler):
+    """A new scheduler of the same class and config: schedulers keep per-run state."""
+    return type(scheduler).from_config(scheduler.config)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _as_prompt_list(value, name: str) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise InvalidInputError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    if not items:
+        raise InvalidInputError(f"{name} is an empty list; give at least one prompt (\"\" is an unconditional image)")
+    return list(items)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _check_size(name: str, value, multiple: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+        hint = ""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= multiple:
+            lower = value // multiple * multiple
+            hint = f" (try {lower} or {lower + multiple})"
+        raise InvalidInputError(f"{name} must be a positive multiple of {multiple}, got {value!r}{hint}")
+
+
+def _check_float(value, name: str, low: float, high: Optional[float], hint: str) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if not ok or value < low or (high is not None and value > high):
+        span = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise InvalidInputError(f"{name} must be a number {span}, got {value!r}; {hint}")
+
+
+def _expand_seeds(seed, total: int) -> list[int]:
+    """One seed per image: None -> fresh random seeds; an int s -> s, s+1, ...; a list as given."""
+    if seed is None:
+        return [secrets.randbelow(2**32) for _ in range(total)]
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        seeds = [seed + i for i in range(total)]
+    elif isinstance(seed, (list, tuple)):
+        if len(seed) != total:
+            raise InvalidInputError(f"got {len(seed)} seeds for {total} images; give one seed per image, or a single int")
+        seeds = list(seed)
+    else:
+        raise InvalidInputError(f"seed must be an int or a list of ints, got {type(seed).__name__}")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise InvalidInputError(f"seeds must be whole numbers from 0 to 2**64-1, got {s!r}")
+    return seeds

@@ -1,0 +1,48 @@
+"""Shared fixtures: one seeded tiny model, its folder on disk, diffusers' pipeline on it."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from latentdiff import LatentDiffusion
+
+
+@pytest.fixture(scope="session")
+def tiny() -> LatentDiffusion:
+    """Random tiny weights (seed 0). Tests must not change it in place."""
+    return LatentDiffusion.from_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny, tmp_path_factory):
+    """The tiny model written by our save_pretrained."""
+    return tiny.save_pretrained(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_dir):
+    """diffusers' own StableDiffusionPipeline on the same weights: the independent reference."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class NetworkUsed(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Make every attempt to open a network connection (or resolve a name) fail loudly."""
+
+    def refuse(*args, **kwargs):
+        raise NetworkUsed(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    yield
