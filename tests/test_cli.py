@@ -1,0 +1,122 @@
+"""The latentdiff command: images with recipes, --from-png, info, schedules, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentdiff.cli import main
+from latentdiff.metadata import PNG_KEY, read_recipe
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_writes_png_with_recipe(tiny, capsys, tmp_path):
+    target = tmp_path / "apple.png"
+    code, out, _ = run(capsys, "generate", "a red apple", "--preset", "tiny", "--seed", "42", "--steps", "3",
+                       "--negative", "green", "--cfg", "5", "--size", "48x64", "--scheduler", "euler_a",
+                       "-o", str(target), "--no-progress")  # fmt: skip
+    assert code == 0 and out.strip() == str(target)
+    recipe = read_recipe(target)
+    assert recipe["prompt"] == "a red apple" and recipe["negative_prompt"] == "green"
+    assert recipe["seed"] == 42 and recipe["num_inference_steps"] == 3 and recipe["guidance_scale"] == 5.0
+    assert (recipe["width"], recipe["height"]) == (48, 64) and recipe["scheduler"] == "euler_a"
+    assert recipe["model"] == {"preset": "tiny", "seed": 0} and recipe["model_hash"] == tiny.weight_hash()
+    assert "latentdiff_version" in recipe
+    # the file holds what the Python API makes for the same request
+    api = tiny("a red apple", negative_prompt="green", seed=42, num_inference_steps=3, guidance_scale=5,
+               width=48, height=64, scheduler="euler_a").images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(target)), np.asarray(api))
+
+
+def test_from_png_makes_the_same_pixels(capsys, tmp_path, tiny_dir):
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    assert run(capsys, "generate", "a castle", "--model", str(tiny_dir), "--steps", "3", "--scheduler", "dpmpp_sde_karras",
+               "-o", str(first), "--no-progress")[0] == 0  # fmt: skip
+    assert run(capsys, "generate", "--from-png", str(first), "-o", str(again), "--no-progress")[0] == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert first.read_bytes() == again.read_bytes()  # the recipe too
+
+
+def test_several_images_into_a_folder(capsys, tmp_path):
+    code, out, _ = run(capsys, "generate", "x", "--preset", "tiny", "-n", "3", "--seed", "7", "--steps", "1",
+                       "-o", str(tmp_path / "out"), "--no-progress")  # fmt: skip
+    paths = out.split()
+    assert code == 0 and [p.rsplit("/", 1)[1] for p in paths] == ["0000-7.png", "0001-8.png", "0002-9.png"]
+    assert [read_recipe(p)["seed"] for p in paths] == [7, 8, 9]
+
+
+def test_info(capsys, tiny, tiny_dir):
+    code, out, _ = run(capsys, "info", str(tiny_dir))
+    assert code == 0 and tiny.weight_hash() in out and "UNet2DConditionModel" in out and "PNDMScheduler" in out
+    assert f"{sum(p.numel() for p in tiny.unet.parameters()):,}" in out
+    code, out, _ = run(capsys, "info", "--preset", "tiny", "--json")
+    assert json.loads(out)["weight_hash"] == tiny.weight_hash()
+
+
+def test_schedules_plot(capsys, tmp_path):
+    code, out, _ = run(capsys, "schedules", "--plot", str(tmp_path / "s.png"), "--timesteps", "200")
+    assert code == 0 and "cosine + zero-terminal-SNR" in out
+    assert Image.open(tmp_path / "s.png").format == "PNG"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "x", "--preset", "tiny", "--size", "100x64"], "width must be a positive multiple of 8"),
+        (["generate", "x", "--preset", "tiny", "--steps", "0"], "num_inference_steps must be a whole number of at least 1"),
+        (["generate", "x", "--preset", "tiny", "--cfg", "-1"], "guidance_scale must be a number at least 0"),
+        (["generate", "x", "--preset", "tiny", "--scheduler", "nope"], "invalid choice: 'nope'.*euler_a"),
+        (["generate", "x", "--model", "/nonexistent/model"], "/nonexistent/model does not exist"),
+        (["generate", "--preset", "tiny"], "give a prompt"),
+        (["generate", "--from-png", "/nonexistent.png"], "/nonexistent.png does not exist"),
+        (["generate", "x", "--preset", "tiny", "--size", "big"], "size must look like 512x512"),
+        (["info"], "give a model folder or --preset"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_user_errors_are_one_line(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("latentdiff: error: ")
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_unreadable_png_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    for path, message in ((bad, "cannot read"), (plain, "no latentdiff recipe")):
+        code, _, err = run(capsys, "generate", "--from-png", str(path))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_traceback_from_the_installed_command(tmp_path):
+    """The real console entry point, in its own process: one line on stderr, exit code 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "latentdiff.cli", "generate", "x", "--preset", "tiny", "--size", "60x64"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "latentdiff: error: width must be a positive multiple of 8, got 60 (try 56 or 64)"
+    ]
+
+
+def test_png_recipe_chunk_is_json(tmp_path, tiny):
+    path = tiny("x", seed=1, num_inference_steps=1).save(tmp_path / "x.png")[0]
+    assert json.loads(Image.open(path).text[PNG_KEY])["seed"] == 1

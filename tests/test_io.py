@@ -1,0 +1,118 @@
+"""Model folders: save -> diffusers loads it -> same image; damaged folders are named precisely."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiff import InvalidInputError, LatentDiffusion, MissingFileError
+
+KW = dict(num_inference_steps=3, height=64, width=56, scheduler="euler_a", output_type="np")
+
+
+def test_saved_folder_loads_back_identical(tiny, tiny_dir):
+    loaded = LatentDiffusion.from_pretrained(tiny_dir)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.weight_hash() == tiny.weight_hash()
+    assert loaded.scheduler_config == tiny.scheduler_config
+    assert loaded.source == {"path": str(tiny_dir.resolve())}
+
+
+def test_diffusers_loads_our_folder_and_makes_the_same_image(tiny, reference):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    ours = tiny("a blue bird", seed=[5], **KW).images
+    reference.scheduler = EulerAncestralDiscreteScheduler.from_config(tiny.scheduler_config)
+    theirs = reference("a blue bird", num_inference_steps=3, height=64, width=56,
+                       generator=[torch.Generator("cpu").manual_seed(5)], output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_we_load_a_folder_diffusers_wrote(tiny, tiny_dir, reference, tmp_path):
+    from diffusers import PNDMScheduler
+
+    reference.scheduler = PNDMScheduler.from_pretrained(tiny_dir, subfolder="scheduler")  # other tests swap it
+    reference.save_pretrained(tmp_path / "by_diffusers")
+    loaded = LatentDiffusion.from_pretrained(tmp_path / "by_diffusers")
+    np.testing.assert_allclose(loaded("x", seed=[2], **KW).images, tiny("x", seed=[2], **KW).images, atol=1e-6)
+
+
+def test_weights_only_in_safetensors(tiny_dir):
+    files = {p.name for p in tiny_dir.rglob("*") if p.is_file()}
+    assert "diffusion_pytorch_model.safetensors" in files and "model.safetensors" in files
+    assert not any(f.endswith((".bin", ".ckpt", ".pt")) for f in files)
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (tiny_dir / "tokenizer").iterdir()}
+
+
+def test_save_over_an_existing_folder_replaces_it(tiny, tmp_path):
+    target = tmp_path / "m"
+    tiny.save_pretrained(target)
+    (target / "stale.txt").write_text("old")
+    tiny.save_pretrained(target)
+    assert not (target / "stale.txt").exists() and (target / "model_index.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+
+
+def test_to_dtype_and_back(tiny_dir):
+    pipe = LatentDiffusion.from_pretrained(tiny_dir)
+    h32 = pipe.weight_hash()
+    pipe.to(dtype=torch.float64)
+    assert pipe.dtype == torch.float64 and pipe.text_encoder.dtype == torch.float64
+    assert pipe.weight_hash() != h32
+    assert pipe("x", seed=1, num_inference_steps=2, output_type="latent").images.dtype == torch.float64
+    pipe.to("cpu", torch.float32)
+    assert pipe.weight_hash() == h32
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda d: (d / "unet" / "diffusion_pytorch_model.safetensors").unlink(), "unet/diffusion_pytorch_model.safetensors"),
+        (lambda d: (d / "vae" / "config.json").unlink(), "vae/config.json"),
+        (lambda d: (d / "model_index.json").unlink(), "model_index.json"),
+        (lambda d: (d / "scheduler" / "scheduler_config.json").write_text("{not json"), "scheduler_config.json"),
+        (lambda d: shutil.rmtree(d / "text_encoder"), "text_encoder/config.json"),
+    ],
+)
+def test_missing_or_unreadable_part_is_named(tiny_dir, tmp_path, damage, named):
+    model = copy_model(tiny_dir, tmp_path / "m")
+    damage(model)
+    with pytest.raises((MissingFileError, InvalidInputError), match=named.replace(".", r"\.")):
+        LatentDiffusion.from_pretrained(model)
+
+
+def test_corrupt_weights_are_named(tiny_dir, tmp_path):
+    model = copy_model(tiny_dir, tmp_path / "m")
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
+    with pytest.raises(InvalidInputError, match=r"vae/diffusion_pytorch_model\.safetensors.*corrupt"):
+        LatentDiffusion.from_pretrained(model)
+
+
+def test_missing_folder_says_what_to_give(tmp_path):
+    with pytest.raises(MissingFileError, match="does not exist.*model_index.json"):
+        LatentDiffusion.from_pretrained(tmp_path / "nowhere")
+
+
+def test_no_default_model_yet_is_a_clear_error():
+    from latentdiff.pipeline import DEFAULT_MODEL_DIR
+
+    if (DEFAULT_MODEL_DIR / "model_index.json").exists():
+        pytest.skip("this build embeds a default model")
+    with pytest.raises(MissingFileError, match="--preset tiny"):
+        LatentDiffusion.from_pretrained()
+
+
+def test_scheduler_config_is_saved_as_the_model_had_it(tiny, tiny_dir):
+    assert json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text()) == tiny.scheduler_config

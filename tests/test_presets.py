@@ -1,0 +1,62 @@
+"""Presets: real SD shapes (checked against the published parameter counts), seeded random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+
+from latentdiff import InvalidInputError, LatentDiffusion
+from latentdiff.presets import build_components
+
+# Parameter counts of the released Stable Diffusion checkpoints (diffusers layout).
+PUBLISHED = {
+    "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sd21": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+}
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_real_architectures_have_the_published_sizes(name):
+    with init_empty_weights():  # shapes only: no memory, no time
+        parts = build_components(name)
+    assert {k: count(parts[k]) for k in PUBLISHED[name]} == PUBLISHED[name]
+
+
+def test_sd21_is_v_prediction_with_openclip_padding():
+    with init_empty_weights():
+        parts = build_components("sd21")
+    assert parts["scheduler_config"]["prediction_type"] == "v_prediction"
+    assert parts["tokenizer"].pad_token_id == 0
+    assert parts["unet"].config.sample_size * 8 == 768
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    a, b, c = (build_components("tiny", seed=s)["unet"].state_dict() for s in (0, 0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_preset_leaves_global_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    LatentDiffusion.from_preset("tiny", seed=3)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_tiny_describes_itself(tiny):
+    info = tiny.describe()
+    assert info["source"] == {"preset": "tiny", "seed": 0}
+    assert info["default_size"] == [64, 64]
+    assert info["components"]["unet"]["parameters"] == count(tiny.unet)
+    assert len(info["weight_hash"]) == 16
+
+
+def test_unknown_preset_lists_the_names():
+    with pytest.raises(InvalidInputError, match="tiny, sd15, sd21"):
+        LatentDiffusion.from_preset("sdxl")
