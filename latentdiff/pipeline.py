@@ -209,7 +209,10 @@ class LatentDiffusion:
         """
         # 1. check the request and expand it to one entry per image
         prompts = _as_prompt_list(prompt, "prompt")
-        negatives = [""] * len(prompts) if negative_prompt is None else _as_prompt_list(negative_prompt, "negative_prompt")
+        if negative_prompt is None or isinstance(negative_prompt, str):  # one for all prompts
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
         if len(negatives) != len(prompts):
             raise InvalidInputError(
                 f"got {len(prompts)} prompts but {len(negatives)} negative prompts; give one negative "

@@ -191,3 +191,12 @@ def test_global_rng_is_left_alone(tiny):
     torch.manual_seed(123)
     tiny("x", seed=1, num_inference_steps=2, scheduler="euler_a", output_type="latent")
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_one_negative_prompt_for_all_prompts(tiny):
+    kwargs = dict(seed=[1, 2], num_inference_steps=2, scheduler="euler", output_type="latent")
+    shared = tiny(["a", "b"], negative_prompt="dark", **kwargs)
+    listed = tiny(["a", "b"], negative_prompt=["dark", "dark"], **kwargs)
+    assert torch.equal(shared.images, listed.images)
+    assert [p["negative_prompt"] for p in shared.params] == ["dark", "dark"]
+    assert not torch.equal(tiny(["a", "b"], **kwargs).images, shared.images)  # the negative prompt matters
