@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from .errors import InvalidInputError, LatentDiffusionError
 
 EXIT_USER_ERROR = 2
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from-png", default=None, metavar="FILE", help="remake the image whose recipe FILE carries")
     g.add_argument("-o", "--output", default=".", help="FILE.png, or a folder (default: current folder)")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cuda if available)")
+    g.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="weights and arithmetic precision (default float32, or the recipe's with --from-png)")  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     i = sub.add_parser("info", help="describe a model: parts, parameter counts, dtypes, scheduler, weight hash")
@@ -102,6 +105,7 @@ def _generate(args) -> int:
     from .pipeline import call_kwargs
 
     request: dict = {}
+    recipe: dict = {}
     model, preset, preset_seed = args.model, args.preset, args.preset_seed
     if args.from_png:
         recipe = read_recipe(args.from_png)
@@ -129,7 +133,12 @@ def _generate(args) -> int:
             raise InvalidInputError("--from-png remakes one image; drop -n")
         request["num_images_per_prompt"] = args.num_images
 
-    pipe = _load(model, preset, preset_seed).to(args.device or _default_device())
+    import torch
+
+    dtype = args.dtype or recipe.get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"the recipe asks for dtype {dtype!r}; pass --dtype, one of {', '.join(DTYPES)}")
+    pipe = _load(model, preset, preset_seed).to(args.device or _default_device(), getattr(torch, dtype))
     if args.from_png and recipe.get("model_hash") not in (None, pipe.weight_hash()):
         print(
             f"latentdiff: warning: the model's weight hash {pipe.weight_hash()} differs from the "

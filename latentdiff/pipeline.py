@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import sys
 import warnings
@@ -26,6 +27,7 @@ CALL_KEYS = (
     "guidance_rescale", "scheduler", "eta", "height", "width",
 )  # fmt: skip
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+_NUMBERED = re.compile(r"^(\d+)-.*\.png$")
 
 
 @dataclass
@@ -40,7 +42,8 @@ class GenerationResult:
         """Write the images as PNGs with their recipes and return the paths.
 
         ``target`` ending in ``.png`` names the file (``name-1.png``, ``name-2.png``, ... when there
-        are several images); anything else is a folder, created if needed, holding ``NNNN-SEED.png``.
+        are several images). Anything else is a folder, created if needed, that gets ``NNNN-SEED.png``
+        files numbered on from the highest number already there, so earlier images are never replaced.
         """
         if not isinstance(self.images, list):
             raise InvalidInputError("only output_type='pil' results can be saved as PNG files")
@@ -54,7 +57,9 @@ class GenerationResult:
             )
         else:
             target.mkdir(parents=True, exist_ok=True)
-            names = [target / f"{i:04d}-{s}.png" for i, s in enumerate(self.seeds)]
+            taken = [int(m.group(1)) for p in target.iterdir() if (m := _NUMBERED.match(p.name))]
+            first = max(taken, default=-1) + 1
+            names = [target / f"{first + i:04d}-{s}.png" for i, s in enumerate(self.seeds)]
         return [save_png(im, name, p) for im, name, p in zip(self.images, names, self.params)]
 
 

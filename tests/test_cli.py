@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,12 @@ def test_several_images_into_a_folder(capsys, tmp_path):
     paths = out.split()
     assert code == 0 and [p.rsplit("/", 1)[1] for p in paths] == ["0000-7.png", "0001-8.png", "0002-9.png"]
     assert [read_recipe(p)["seed"] for p in paths] == [7, 8, 9]
+    # a second run into the same folder numbers on and replaces nothing
+    before = {p: Path(p).read_bytes() for p in paths}
+    code, out, _ = run(capsys, "generate", "y", "--preset", "tiny", "--seed", "7", "--steps", "1",
+                       "-o", str(tmp_path / "out"), "--no-progress")  # fmt: skip
+    assert code == 0 and out.split()[0].endswith("/0003-7.png")
+    assert all(Path(p).read_bytes() == data for p, data in before.items())
 
 
 def test_info(capsys, tiny, tiny_dir):
@@ -120,3 +127,16 @@ def test_no_traceback_from_the_installed_command(tmp_path):
 def test_png_recipe_chunk_is_json(tmp_path, tiny):
     path = tiny("x", seed=1, num_inference_steps=1).save(tmp_path / "x.png")[0]
     assert json.loads(Image.open(path).text[PNG_KEY])["seed"] == 1
+
+
+def test_from_png_uses_the_recipes_dtype(capsys, tmp_path):
+    first, again = tmp_path / "bf.png", tmp_path / "bf-again.png"
+    assert run(capsys, "generate", "a cat", "--preset", "tiny", "--dtype", "bfloat16", "--steps", "2",
+               "-o", str(first), "--no-progress")[0] == 0  # fmt: skip
+    assert read_recipe(first)["dtype"] == "bfloat16"
+    assert run(capsys, "generate", "--from-png", str(first), "-o", str(again), "--no-progress")[0] == 0
+    assert first.read_bytes() == again.read_bytes()
+    # and in float32 it is a (slightly) different image: the dtype really was applied
+    assert run(capsys, "generate", "--from-png", str(first), "--dtype", "float32", "-o", str(tmp_path / "f32.png"),
+               "--no-progress")[0] == 0  # fmt: skip
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(tmp_path / "f32.png")))
