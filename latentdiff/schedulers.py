@@ -156,13 +156,13 @@ def plot_schedules(path: str, num_train_timesteps: int = 1000) -> list[str]:
     t = torch.arange(1, num_train_timesteps + 1)
     fig, (ax_a, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = []
-    for name in NOISE_SCHEDULES:
-        for zsnr in (False, True):
+    for colour, name in enumerate(NOISE_SCHEDULES):
+        for zsnr in (False, True):  # one colour per schedule, dashed when rescaled
             label = name + (" + zero-terminal-SNR" if zsnr else "")
             ab = alphas_cumprod(name, num_train_timesteps, zsnr)
-            style = "--" if zsnr else "-"
-            ax_a.plot(t, ab, style, label=label)
-            ax_s.plot(t, log_snr(ab), style, label=label)
+            style = {"linestyle": "--" if zsnr else "-", "color": f"C{colour}", "label": label}
+            ax_a.plot(t, ab, **style)
+            ax_s.plot(t, log_snr(ab), **style)
             labels.append(label)
     ax_a.set(xlabel="timestep t", ylabel=r"$\bar\alpha_t$", title=r"signal kept, $\bar\alpha_t$")
     ax_s.set(xlabel="timestep t", ylabel=r"$\log\,\mathrm{SNR}(t)$", title="log signal-to-noise ratio")
