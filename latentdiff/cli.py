@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from .errors import InvalidInputError, LatentDiffusionError
 
 EXIT_USER_ERROR = 2
+EXIT_ENVIRONMENT = 1
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -64,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     i = sub.add_parser("info", help="describe a model: parts, parameter counts, dtypes, scheduler, weight hash")
-    i.add_argument("model", nargs="?", help="model folder (or use --preset)")
-    i.add_argument("--preset", choices=list(PRESETS), default=None)
+    which = i.add_mutually_exclusive_group()
+    which.add_argument("model", nargs="?", help="model folder (or use --preset)")
+    which.add_argument("--preset", choices=list(PRESETS), default=None)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     s = sub.add_parser("schedules", help="compare the training noise schedules (alpha-bar and log-SNR)")
@@ -81,6 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LatentDiffusionError as e:
         print(f"latentdiff: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as e:  # unwritable output, full disk, ...: the environment, not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"latentdiff: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("latentdiff: interrupted", file=sys.stderr)
         return 130
@@ -94,15 +100,26 @@ def _load(model: Optional[str], preset: Optional[str], preset_seed: int = 0):
     return LatentDiffusion.from_pretrained(model)
 
 
-def _default_device() -> str:
+def _device(name: Optional[str]) -> str:
+    """The torch device to run on: ``name`` checked, or CUDA when there is one."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InvalidInputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    return name
 
 
 def _generate(args) -> int:
     from .metadata import read_recipe
-    from .pipeline import call_kwargs
+    from .pipeline import call_kwargs, prepare_output
 
     request: dict = {}
     recipe: dict = {}
@@ -111,7 +128,9 @@ def _generate(args) -> int:
         recipe = read_recipe(args.from_png)
         request = call_kwargs(recipe)
         if model is None and preset is None:  # the recipe's own model unless one is named
-            source = recipe.get("model") or {}
+            source = recipe.get("model")
+            if not isinstance(source, dict) or not (source.get("path") or source.get("preset")):
+                raise InvalidInputError(f"the recipe in {args.from_png} names no model; pass --model or --preset")
             model, preset, preset_seed = source.get("path"), source.get("preset"), source.get("seed", 0)
     elif args.prompt is None:
         raise InvalidInputError("give a prompt, e.g. latentdiff generate \"a red apple\", or --from-png FILE")
@@ -138,24 +157,35 @@ def _generate(args) -> int:
     dtype = args.dtype or recipe.get("dtype") or "float32"
     if dtype not in DTYPES:
         raise InvalidInputError(f"the recipe asks for dtype {dtype!r}; pass --dtype, one of {', '.join(DTYPES)}")
-    pipe = _load(model, preset, preset_seed).to(args.device or _default_device(), getattr(torch, dtype))
-    if args.from_png and recipe.get("model_hash") not in (None, pipe.weight_hash()):
-        print(
-            f"latentdiff: warning: the model's weight hash {pipe.weight_hash()} differs from the "
-            f"recipe's {recipe['model_hash']}; the image will not match",
-            file=sys.stderr,
-        )
+    device = _device(args.device)
+    prepare_output(args.output)
+    pipe = _load(model, preset, preset_seed).to(device, getattr(torch, dtype))
+    if args.from_png:
+        _warn_if_remake_differs(recipe, pipe)
     result = pipe(**request, progress=not args.no_progress)
     for path in result.save(args.output):
         print(path)
     return 0
 
 
+def _warn_if_remake_differs(recipe: dict, pipe) -> None:
+    """Say why a remade image may not match its original bit for bit."""
+    reasons = []
+    if recipe.get("model_hash") not in (None, pipe.weight_hash()):
+        reasons.append(f"the weights differ (hash {pipe.weight_hash()}, recipe {recipe['model_hash']})")
+    if recipe.get("device") not in (None, pipe.device.type):
+        reasons.append(f"it was made on {recipe['device']}, this runs on {pipe.device.type}")
+    if (recipe.get("batch_size") or 1) > 1:
+        reasons.append(f"it was made in a batch of {recipe['batch_size']} and is remade alone (pixels may differ by 1 level)")
+    if recipe.get("scheduler") is None and recipe.get("scheduler_class") not in (None, type(pipe.scheduler).__name__):
+        reasons.append(f"it used {recipe['scheduler_class']}, the model's scheduler is {type(pipe.scheduler).__name__}")
+    if reasons:
+        print(f"latentdiff: warning: the image may not match: {'; '.join(reasons)}", file=sys.stderr)
+
+
 def _info(args) -> int:
     if args.model is None and args.preset is None:
         raise InvalidInputError("give a model folder or --preset NAME")
-    if args.model is not None and args.preset is not None:
-        raise InvalidInputError("give a model folder or --preset NAME, not both")
     info = _load(args.model, args.preset).describe()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -183,6 +213,8 @@ def _schedules(args) -> int:
     T = args.timesteps
     if T < 2:
         raise InvalidInputError(f"--timesteps must be at least 2, got {T}")
+    if args.plot:  # first, so a bad file name fails before anything is printed
+        plot_schedules(args.plot, T)
     marks = sorted({1, T // 4, T // 2, 3 * T // 4, T})
     print(f"{'schedule':<34}" + "".join(f"{'abar_' + str(t):>12}" for t in marks) + f"{'logSNR_T':>12}")
     for name in NOISE_SCHEDULES:
@@ -191,10 +223,6 @@ def _schedules(args) -> int:
             label = name + (" + zero-terminal-SNR" if zsnr else "")
             print(f"{label:<34}" + "".join(f"{ab[t - 1].item():>12.5f}" for t in marks) + f"{log_snr(ab)[-1].item():>12.2f}")
     if args.plot:
-        plot_schedules(args.plot, T)
         print(Path(args.plot))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

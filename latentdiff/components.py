@@ -15,12 +15,18 @@ import torch
 
 from .errors import InvalidInputError, MissingFileError
 from .fileio import atomic_dir, atomic_write
+from .schedulers import scheduler_from_config
 
 # part -> (config file, accepted weight files: any one of them)
+_DIFFUSERS_WEIGHTS = [
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",  # sharded
+    "diffusion_pytorch_model.bin",
+]
 _WEIGHTS = {
-    "unet": ("config.json", ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]),
-    "vae": ("config.json", ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]),
-    "text_encoder": ("config.json", ["model.safetensors", "pytorch_model.bin"]),
+    "unet": ("config.json", _DIFFUSERS_WEIGHTS),
+    "vae": ("config.json", _DIFFUSERS_WEIGHTS),
+    "text_encoder": ("config.json", ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]),
 }
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _SCHEDULER_FILE = "scheduler_config.json"
@@ -28,9 +34,10 @@ _FIX = "re-export the model (save_pretrained) or copy the folder again"
 
 
 def _variant_name(filename: str, variant: Optional[str]) -> str:
+    """``model.safetensors`` -> ``model.fp16.safetensors`` (and the same for ``*.index.json``)."""
     if not variant:
         return filename
-    stem, ext = filename.rsplit(".", 1)
+    stem, ext = filename.split(".", 1)
     return f"{stem}.{variant}.{ext}"
 
 
@@ -105,7 +112,12 @@ def load_folder(path: str | Path, dtype: Optional[torch.dtype] = None, variant: 
         parts["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     except Exception as e:
         raise InvalidInputError(f"could not load the tokenizer in {root / 'tokenizer'}: {_first_line(e)}; {_FIX}") from e
-    parts["scheduler_config"] = _read_json(root / "scheduler" / _SCHEDULER_FILE)
+    scheduler_file = root / "scheduler" / _SCHEDULER_FILE
+    parts["scheduler_config"] = _read_json(scheduler_file)
+    try:
+        scheduler_from_config(parts["scheduler_config"])  # fail now, naming the file, not at the first call
+    except Exception as e:
+        raise InvalidInputError(f"{scheduler_file} does not describe a usable scheduler: {_first_line(e)}; {_FIX}") from e
     return parts
 
 
@@ -116,8 +128,12 @@ def save_folder(path: str | Path, *, unet, vae, text_encoder, tokenizer, schedul
     """
     from diffusers import StableDiffusionPipeline
 
-    from .schedulers import scheduler_from_config
-
+    target = Path(path)
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not (target / "model_index.json").is_file()):
+        raise InvalidInputError(
+            f"{target} exists and is not a model folder; save_pretrained replaces only an earlier model "
+            "folder, so give a new or empty folder"
+        )
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -28,20 +28,36 @@ def weight_hash(modules: Iterable[tuple[str, torch.nn.Module]]) -> str:
     h = hashlib.sha256()
     for prefix, module in modules:
         for name, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach().contiguous().cpu()
-            h.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            t = tensor.detach().cpu().contiguous().reshape(-1)  # reshape: 0-dim tensors cannot be viewed as bytes
+            h.update(f"{prefix}.{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def save_png(image, path: str | Path, params: dict[str, Any]) -> Path:
-    """Write ``image`` (PIL) to ``path`` atomically, with ``params`` as its recipe."""
+def weights_fingerprint(modules: Iterable[torch.nn.Module]) -> tuple:
+    """Cheap key that changes whenever a weight is replaced, moved, cast or changed in place.
+
+    ``_version`` is PyTorch's in-place-modification counter (shared with views), so an optimizer
+    step or a fused LoRA invalidates a cached ``weight_hash`` without hashing anything.
+    """
+    return tuple(
+        (id(t), t.data_ptr(), t._version, t.dtype)
+        for m in modules
+        for t in (*m.parameters(), *m.buffers())
+    )
+
+
+def save_png(image, path: str | Path, params: dict[str, Any], *, exclusive: bool = False) -> Path:
+    """Write ``image`` (PIL) to ``path`` atomically, with ``params`` as its recipe.
+
+    With ``exclusive``, raise ``FileExistsError`` rather than replace an existing file.
+    """
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
     path = Path(path)
-    with atomic_write(path) as f:
+    with atomic_write(path, exclusive=exclusive) as f:
         image.save(f, format="PNG", pnginfo=info)
     return path
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import secrets
 import sys
@@ -14,10 +16,10 @@ import torch
 
 from . import components, presets
 from .errors import InvalidInputError, MissingFileError
-from .metadata import save_png, weight_hash
+from .metadata import save_png, weight_hash, weights_fingerprint
 from .prompts import encode_prompts
 from .sampling import StepCallback, denoise, initial_latents, make_generators, step_kwargs
-from .schedulers import check_sampler_name, make_scheduler, scheduler_from_config
+from .schedulers import make_scheduler, scheduler_from_config
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2**64 - 1
@@ -27,7 +29,7 @@ CALL_KEYS = (
     "guidance_rescale", "scheduler", "eta", "height", "width",
 )  # fmt: skip
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
-_NUMBERED = re.compile(r"^(\d+)-.*\.png$")
+_NUMBERED = re.compile(r"^(\d{4,})-\d+\.png$")  # NNNN-SEED.png
 
 
 @dataclass
@@ -47,20 +49,42 @@ class GenerationResult:
         """
         if not isinstance(self.images, list):
             raise InvalidInputError("only output_type='pil' results can be saved as PNG files")
-        target = Path(target)
+        target = prepare_output(target)
         if target.suffix.lower() == ".png":
-            target.parent.mkdir(parents=True, exist_ok=True)
-            names = (
-                [target]
-                if len(self.images) == 1
-                else [target.with_name(f"{target.stem}-{i + 1}.png") for i in range(len(self.images))]
-            )
-        else:
-            target.mkdir(parents=True, exist_ok=True)
-            taken = [int(m.group(1)) for p in target.iterdir() if (m := _NUMBERED.match(p.name))]
-            first = max(taken, default=-1) + 1
-            names = [target / f"{first + i:04d}-{s}.png" for i, s in enumerate(self.seeds)]
-        return [save_png(im, name, p) for im, name, p in zip(self.images, names, self.params)]
+            if len(self.images) == 1:
+                return [save_png(self.images[0], target, self.params[0])]
+            names = [target.with_name(f"{target.stem}-{i + 1}.png") for i in range(len(self.images))]
+            return [save_png(im, name, p) for im, name, p in zip(self.images, names, self.params)]
+        taken = [int(m.group(1)) for p in target.iterdir() if (m := _NUMBERED.match(p.name))]
+        number = max(taken, default=-1) + 1
+        paths = []
+        for image, seed, params in zip(self.images, self.seeds, self.params):
+            while True:  # claim the next free number; another process may be saving here too
+                try:
+                    paths.append(save_png(image, target / f"{number:04d}-{seed}.png", params, exclusive=True))
+                    break
+                except FileExistsError:
+                    number += 1
+            number += 1
+        return paths
+
+
+def prepare_output(target: Union[str, Path]) -> Path:
+    """Check an output target (``FILE.png`` or a folder) and create the folder it needs.
+
+    Called before generating, so a bad target fails in a second, not after the images are made.
+    """
+    target = Path(target)
+    if target.suffix.lower() == ".png":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+    if target.suffix and not target.is_dir():
+        raise InvalidInputError(
+            f"cannot write {target}: images are saved as PNG (the recipe lives in a PNG text chunk); "
+            "give a .png file name or a folder"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def call_kwargs(params: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +109,7 @@ class LatentDiffusion:
         self.scheduler_config = dict(scheduler_config)
         self.scheduler = scheduler_from_config(self.scheduler_config)
         self.source = source  # where the weights came from: {"path": ...} or {"preset": ..., "seed": ...}
-        self._hash: Optional[str] = None
+        self._hash: Optional[tuple[tuple, str]] = None  # (weights fingerprint, hash)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -137,8 +161,6 @@ class LatentDiffusion:
                 torch.nn.Module.to(module, dtype=dtype)
             elif dtype is not None:
                 module.to(dtype)
-        if dtype is not None:
-            self._hash = None
         return self
 
     @property
@@ -154,10 +176,15 @@ class LatentDiffusion:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def weight_hash(self) -> str:
-        """Hash of all network weights (computed once, then cached; see ``metadata.weight_hash``)."""
-        if self._hash is None:
-            self._hash = weight_hash((("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)))
-        return self._hash
+        """Hash of all network weights (see ``metadata.weight_hash``).
+
+        Cached until a weight is replaced, moved, cast or changed in place (training, LoRA fusing).
+        """
+        nets = (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder))
+        key = weights_fingerprint(m for _, m in nets)
+        if self._hash is None or self._hash[0] != key:
+            self._hash = (key, weight_hash(nets))
+        return self._hash[1]
 
     def describe(self) -> dict[str, Any]:
         """Components, parameter counts, dtypes, scheduler config and weight hash (for ``latentdiff info``)."""
@@ -225,20 +252,30 @@ class LatentDiffusion:
             )
         n = _positive_int(num_images_per_prompt, "num_images_per_prompt")
         steps = _positive_int(num_inference_steps, "num_inference_steps")
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            _check_size(name, value, self.vae_scale_factor)
-        _check_float(guidance_scale, "guidance_scale", 0.0, None, "use 1 for no guidance, 7.5 is usual")
-        _check_float(guidance_rescale, "guidance_rescale", 0.0, 1.0, "0.7 is usual with v-prediction models")
-        _check_float(eta, "eta", 0.0, None, "eta is DDIM's noise level, 0 = deterministic")
+        height = _check_size("height", self.default_size if height is None else height, self.vae_scale_factor)
+        width = _check_size("width", self.default_size if width is None else width, self.vae_scale_factor)
+        guidance_scale = _check_float(guidance_scale, "guidance_scale", 0.0, None, "use 1 for no guidance, 7.5 is usual")
+        guidance_rescale = _check_float(guidance_rescale, "guidance_rescale", 0.0, 1.0, "0.7 is usual for v-prediction")
+        eta = _check_float(eta, "eta", 0.0, None, "eta is DDIM's noise level, 0 = deterministic")
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if self.unet.config.time_cond_proj_dim is not None:
+            raise InvalidInputError(
+                "this U-Net takes a guidance embedding (an LCM-distilled model); latentdiff does not run such "
+                "models yet: use a standard SD 1.x / 2.x U-Net"
+            )
         total = len(prompts) * n
         seeds = _expand_seeds(seed, total)
         sched = self._make_scheduler(scheduler)
+        sched_name = scheduler or type(sched).__name__
         if eta > 0 and "eta" not in step_kwargs(sched, [], eta):
-            warnings.warn(f"eta={eta} has no effect with scheduler {scheduler or type(sched).__name__}; use 'ddim'")
+            warnings.warn(f"eta={eta} has no effect with scheduler {sched_name}; use 'ddim'", stacklevel=3)
+        if guidance_scale <= 1.0 and any(negatives):
+            warnings.warn("negative_prompt has no effect when guidance_scale <= 1 (no unconditional pass)", stacklevel=3)
+        try:
+            sched.set_timesteps(steps, device=self.device)
+        except ValueError as e:  # e.g. more steps than the schedule has timesteps
+            raise InvalidInputError(f"scheduler {sched_name} cannot run {steps} steps: {e}") from None
         if progress is None:
             progress = sys.stderr.isatty()
 
@@ -250,10 +287,9 @@ class LatentDiffusion:
 
         # 3. the starting latents, one private generator per image: (B, C, H/8, W/8)
         generators = make_generators(seeds)
-        sched.set_timesteps(steps, device=self.device)
         f = self.vae_scale_factor
         shape = (self.unet.config.in_channels, height // f, width // f)
-        latents = initial_latents(generators, shape, device=self.device, dtype=cond.dtype) * sched.init_noise_sigma
+        latents = initial_latents(generators, shape, device=self.device, dtype=self.unet.dtype) * sched.init_noise_sigma
 
         # 4. denoise
         latents = denoise(
@@ -266,15 +302,20 @@ class LatentDiffusion:
         images = latents if output_type == "latent" else self._decode(latents, output_type)
         base = {
             "num_inference_steps": steps,
-            "guidance_scale": float(guidance_scale),
-            "guidance_rescale": float(guidance_rescale),
+            "guidance_scale": guidance_scale,
+            "guidance_rescale": guidance_rescale,
             "scheduler": scheduler,
-            "eta": float(eta),
+            "scheduler_class": type(sched).__name__,
+            "eta": eta,
             "height": height,
             "width": width,
             "model": self.source,
             "model_hash": self.weight_hash(),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device.type,
+            # Kernels round differently at other batch sizes (~1e-6): an image remade alone from a
+            # batch may differ by one pixel level. Recorded so a remake can say so.
+            "batch_size": total,
             "latentdiff_version": _version(),
         }
         params = [
@@ -286,7 +327,6 @@ class LatentDiffusion:
     def _make_scheduler(self, name: Optional[str]):
         if name is None:
             return _fresh(self.scheduler)  # the model's own, or whatever the user set pipe.scheduler to
-        check_sampler_name(name)
         return make_scheduler(name, self.scheduler_config)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
@@ -321,41 +361,56 @@ def _as_prompt_list(value, name: str) -> list[str]:
     return list(items)
 
 
+def _whole(value) -> Optional[int]:
+    """``value`` as an int if it is a whole number (Python or numpy integer, not bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    n = _whole(value)
+    if n is None or n < 1:
         raise InvalidInputError(f"{name} must be a whole number of at least 1, got {value!r}")
-    return value
+    return n
 
 
-def _check_size(name: str, value, multiple: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+def _check_size(name: str, value, multiple: int) -> int:
+    n = _whole(value)
+    if n is None or n < multiple or n % multiple:
         hint = ""
-        if isinstance(value, int) and not isinstance(value, bool) and value >= multiple:
-            lower = value // multiple * multiple
+        if n is not None and n >= multiple:
+            lower = n // multiple * multiple
             hint = f" (try {lower} or {lower + multiple})"
         raise InvalidInputError(f"{name} must be a positive multiple of {multiple}, got {value!r}{hint}")
+    return n
 
 
-def _check_float(value, name: str, low: float, high: Optional[float], hint: str) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+def _check_float(value, name: str, low: float, high: Optional[float], hint: str) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or (high is not None and value > high):
         span = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise InvalidInputError(f"{name} must be a number {span}, got {value!r}; {hint}")
+        raise InvalidInputError(f"{name} must be a finite number {span}, got {value!r}; {hint}")
+    return float(value)
 
 
 def _expand_seeds(seed, total: int) -> list[int]:
     """One seed per image: None -> fresh random seeds; an int s -> s, s+1, ...; a list as given."""
     if seed is None:
         return [secrets.randbelow(2**32) for _ in range(total)]
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        seeds = [seed + i for i in range(total)]
-    elif isinstance(seed, (list, tuple)):
-        if len(seed) != total:
-            raise InvalidInputError(f"got {len(seed)} seeds for {total} images; give one seed per image, or a single int")
-        seeds = list(seed)
-    else:
+    if _whole(seed) is not None:
+        first = _whole(seed)
+        if not 0 <= first <= MAX_SEED - (total - 1):
+            raise InvalidInputError(
+                f"seed must be from 0 to 2**64-{total} so that all {total} images (seed, seed+1, ...) fit, got {seed!r}"
+            )
+        return [first + i for i in range(total)]
+    if not isinstance(seed, (list, tuple)):
         raise InvalidInputError(f"seed must be an int or a list of ints, got {type(seed).__name__}")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise InvalidInputError(f"seeds must be whole numbers from 0 to 2**64-1, got {s!r}")
+    if len(seed) != total:
+        raise InvalidInputError(f"got {len(seed)} seeds for {total} images; give one seed per image, or a single int")
+    seeds = [_whole(s) for s in seed]
+    for s, given in zip(seeds, seed):
+        if s is None or not 0 <= s <= MAX_SEED:
+            raise InvalidInputError(f"seeds must be whole numbers from 0 to 2**64-1, got {given!r}")
     return seeds

@@ -16,7 +16,9 @@ import torch
 from .errors import InvalidInputError
 from .tokenizer import EOS, load_clip_tokenizer
 
-# The scheduler SD 1.x/2.x folders ship with (PNDM with PLMS steps only, "scaled_linear" betas).
+# The scheduler_config.json the SD 1.5 release ships (PNDM with PLMS steps only, "scaled_linear"
+# betas). Like the real file it leaves prediction_type and timestep_spacing to each scheduler's
+# default, so every named sampler is tested the way real models exercise it.
 _SD_SCHEDULER = {
     "_class_name": "PNDMScheduler",
     "beta_start": 0.00085,
@@ -27,8 +29,7 @@ _SD_SCHEDULER = {
     "skip_prk_steps": True,
     "steps_offset": 1,
     "clip_sample": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
+    "trained_betas": None,
 }
 
 _SD_VAE = {
@@ -60,7 +61,6 @@ class Preset:
     """Everything needed to build one architecture with random weights."""
 
     name: str
-    description: str
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
@@ -71,7 +71,6 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
-        description="a few hundred thousand parameters per part, 64x64 images; for tests",
         unet={
             "sample_size": 8,
             "in_channels": 4,
@@ -103,7 +102,6 @@ PRESETS: dict[str, Preset] = {
     ),
     "sd15": Preset(
         name="sd15",
-        description="Stable Diffusion 1.5 shapes: CLIP ViT-L/14 text encoder, 860M U-Net, 512x512",
         unet={**_SD_UNET_BLOCKS, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
         vae=_SD_VAE,
         text_encoder={
@@ -118,7 +116,6 @@ PRESETS: dict[str, Preset] = {
     ),
     "sd21": Preset(
         name="sd21",
-        description="Stable Diffusion 2.1 (768-v) shapes: OpenCLIP ViT-H text encoder, v-prediction, 768x768",
         unet={
             **_SD_UNET_BLOCKS,
             "sample_size": 96,

@@ -21,26 +21,23 @@ from .errors import InvalidInputError
 class SamplerSpec:
     class_name: str  # a diffusers scheduler class
     options: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddim": SamplerSpec("DDIMScheduler", description="DDIM (Song et al. 2020); eta > 0 adds noise"),
-    "ddpm": SamplerSpec("DDPMScheduler", description="ancestral DDPM (Ho et al. 2020)"),
-    "pndm": SamplerSpec("PNDMScheduler", {"skip_prk_steps": True}, "PLMS (Liu et al. 2022)"),
-    "lms": SamplerSpec("LMSDiscreteScheduler", description="linear multistep (k-diffusion)"),
-    "euler": SamplerSpec("EulerDiscreteScheduler", description="Euler (Karras et al. 2022)"),
-    "euler_a": SamplerSpec("EulerAncestralDiscreteScheduler", description="Euler ancestral"),
-    "heun": SamplerSpec("HeunDiscreteScheduler", description="Heun, 2 model calls per step"),
+    "ddim": SamplerSpec("DDIMScheduler"),
+    "ddpm": SamplerSpec("DDPMScheduler"),
+    "pndm": SamplerSpec("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": SamplerSpec("LMSDiscreteScheduler"),
+    "euler": SamplerSpec("EulerDiscreteScheduler"),
+    "euler_a": SamplerSpec("EulerAncestralDiscreteScheduler"),
+    "heun": SamplerSpec("HeunDiscreteScheduler"),
     "dpmpp_2m": SamplerSpec(
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-        "DPM-Solver++(2M) (Lu et al. 2022)",
     ),
     "dpmpp_2m_karras": SamplerSpec(
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-        "DPM-Solver++(2M) with Karras sigmas",
     ),
     # diffusers' DPMSolverSDEScheduler draws its Brownian noise from one seed for the whole
     # batch (or the global RNG) and ignores the per-image generators, which would break the
@@ -48,15 +45,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_sde_karras": SamplerSpec(
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-        "DPM-Solver++(2M) SDE with Karras sigmas",
     ),
-    "unipc": SamplerSpec("UniPCMultistepScheduler", description="UniPC (Zhao et al. 2023)"),
-    "lcm": SamplerSpec("LCMScheduler", description="latent consistency (for LCM-distilled models)"),
+    "unipc": SamplerSpec("UniPCMultistepScheduler"),
+    "lcm": SamplerSpec("LCMScheduler"),
 }
-
-
-def sampler_names() -> list[str]:
-    return list(SAMPLERS)
 
 
 def check_sampler_name(name: str) -> SamplerSpec:
@@ -84,7 +76,7 @@ def scheduler_from_config(model_config: dict[str, Any]):
 
     class_name = model_config.get("_class_name")
     cls = getattr(diffusers, str(class_name), None)
-    if cls is None or not hasattr(cls, "from_config"):
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise InvalidInputError(
             f"scheduler config names class {class_name!r}, which diffusers does not have; "
             f"fix scheduler/scheduler_config.json or pass scheduler= one of: {', '.join(SAMPLERS)}"
@@ -142,19 +134,22 @@ def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
 def plot_schedules(path: str, num_train_timesteps: int = 1000) -> list[str]:
     """Plot alpha_bar_t and log-SNR(t) of every schedule (and its zero-terminal-SNR rescale).
 
-    Returns the curve labels. Needs matplotlib (``pip install 'latentdiff[plot]'``).
+    Returns the curve labels. Needs matplotlib (``pip install 'latentdiff[plot]'``); uses a bare
+    ``Figure``, so the caller's pyplot backend and state are untouched.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InvalidInputError("plotting needs matplotlib: pip install 'latentdiff[plot]'") from None
     from .fileio import atomic_write
 
+    suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if suffix not in ("png", "pdf", "svg"):
+        raise InvalidInputError(f"cannot plot to {path}: give a .png, .pdf or .svg file name")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise InvalidInputError("plotting needs matplotlib: pip install 'latentdiff[plot]'") from None
+
     t = torch.arange(1, num_train_timesteps + 1)
-    fig, (ax_a, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    ax_a, ax_s = fig.subplots(1, 2)
     labels = []
     for colour, name in enumerate(NOISE_SCHEDULES):
         for zsnr in (False, True):  # one colour per schedule, dashed when rescaled
@@ -171,9 +166,6 @@ def plot_schedules(path: str, num_train_timesteps: int = 1000) -> list[str]:
         ax.grid(alpha=0.3)
     ax_a.legend(fontsize=8)
     fig.tight_layout()
-    suffix = path.rsplit(".", 1)[-1].lower() if "." in path else "png"
     with atomic_write(path) as f:
         fig.savefig(f, format=suffix, dpi=110)
-    plt.close(fig)
     return labels
-

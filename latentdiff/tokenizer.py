@@ -24,27 +24,16 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 ASSET_DIR = "assets/clip_tokenizer"
 
 
-def byte_symbols() -> list[str]:
-    """The 256 printable stand-ins GPT-2-style byte-level BPE uses for raw bytes, in id order.
-
-    Printable Latin-1 bytes stand for themselves; every other byte b is mapped to chr(256 + k)
-    where k counts the non-printable bytes before it, so no symbol is whitespace or control.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(printable)
-    for b in range(256):
-        if b not in printable:
-            chars.append(256 + len(chars) - len(printable))
-    return [chr(c) for c in chars]
-
-
 def derive_vocab(bpe_gz: str | Path) -> tuple[dict[str, int], list[str]]:
     """Read CLIP's gzipped merge list and return ``(vocab, merges)`` in CLIPTokenizer's form."""
     lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
     merges = lines[1 : NUM_MERGES + 1]  # line 0 is the "#version" header
     if len(merges) != NUM_MERGES or any(len(m.split()) != 2 for m in merges):
         raise ValueError(f"{bpe_gz} is not CLIP's BPE merge list (expected {NUM_MERGES} pairs after the header)")
-    symbols = byte_symbols()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    # GPT-2-style byte-level BPE: 256 printable stand-ins for the raw bytes, in id order
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE:

@@ -21,13 +21,24 @@ def tiny_dir(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_dir):
-    """diffusers' own StableDiffusionPipeline on the same weights: the independent reference."""
+def _reference_pipe(tiny_dir):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def reference(_reference_pipe, tiny_dir):
+    """diffusers' own StableDiffusionPipeline on the same weights: the independent reference.
+
+    Its scheduler is loaded afresh from the folder for every test, as tests swap it.
+    """
+    from diffusers import PNDMScheduler
+
+    _reference_pipe.scheduler = PNDMScheduler.from_pretrained(tiny_dir, subfolder="scheduler")
+    return _reference_pipe
 
 
 class NetworkUsed(RuntimeError):

@@ -81,13 +81,18 @@ def test_schedules_plot(capsys, tmp_path):
     [
         (["generate", "x", "--preset", "tiny", "--size", "100x64"], "width must be a positive multiple of 8"),
         (["generate", "x", "--preset", "tiny", "--steps", "0"], "num_inference_steps must be a whole number of at least 1"),
-        (["generate", "x", "--preset", "tiny", "--cfg", "-1"], "guidance_scale must be a number at least 0"),
+        (["generate", "x", "--preset", "tiny", "--cfg", "-1"], "guidance_scale must be a finite number at least 0"),
         (["generate", "x", "--preset", "tiny", "--scheduler", "nope"], "invalid choice: 'nope'.*euler_a"),
         (["generate", "x", "--model", "/nonexistent/model"], "/nonexistent/model does not exist"),
         (["generate", "--preset", "tiny"], "give a prompt"),
         (["generate", "--from-png", "/nonexistent.png"], "/nonexistent.png does not exist"),
         (["generate", "x", "--preset", "tiny", "--size", "big"], "size must look like 512x512"),
         (["info"], "give a model folder or --preset"),
+        (["info", "/some/dir", "--preset", "tiny"], "not allowed with argument"),
+        (["generate", "x", "--preset", "tiny", "--device", "bogus"], "'bogus' is not a torch device"),
+        (["generate", "x", "--preset", "tiny", "--steps", "2000", "--scheduler", "ddim"], "cannot run 2000 steps"),
+        (["generate", "x", "--preset", "tiny", "-o", "picture.jpg"], "images are saved as PNG"),
+        (["schedules", "--plot", "curves.xyz"], "give a .png, .pdf or .svg file name"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -112,9 +117,12 @@ def test_unreadable_png_is_one_line(capsys, tmp_path):
 
 
 def test_no_traceback_from_the_installed_command(tmp_path):
-    """The real console entry point, in its own process: one line on stderr, exit code 2."""
+    """The real console script (or python -m latentdiff), in its own process: one line, exit code 2."""
+    import shutil
+
+    command = [shutil.which("latentdiff")] if shutil.which("latentdiff") else [sys.executable, "-m", "latentdiff"]
     proc = subprocess.run(
-        [sys.executable, "-m", "latentdiff.cli", "generate", "x", "--preset", "tiny", "--size", "60x64"],
+        [*command, "generate", "x", "--preset", "tiny", "--size", "60x64"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -140,3 +148,40 @@ def test_from_png_uses_the_recipes_dtype(capsys, tmp_path):
     assert run(capsys, "generate", "--from-png", str(first), "--dtype", "float32", "-o", str(tmp_path / "f32.png"),
                "--no-progress")[0] == 0  # fmt: skip
     assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(tmp_path / "f32.png")))
+
+
+def test_corrupt_model_folder_is_one_line(capsys, tiny_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    code, out, err = run(capsys, "generate", "x", "--model", str(model))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "unet/diffusion_pytorch_model.safetensors" in err and "corrupt" in err
+
+
+def test_unwritable_output_is_one_line(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, out, err = run(capsys, "generate", "x", "--preset", "tiny", "-o", str(tmp_path / "file" / "a.png"))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("latentdiff: error: ")
+
+
+def test_recipe_without_model_says_so(capsys, tmp_path):
+    from latentdiff.metadata import save_png
+
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "r.png", {"prompt": "x", "seed": 1})
+    code, _, err = run(capsys, "generate", "--from-png", str(path))
+    assert code == 2 and "names no model; pass --model or --preset" in err
+
+
+def test_from_png_of_a_batch_image_is_within_one_level_and_warns(capsys, tmp_path):
+    code, out, _ = run(capsys, "generate", "a harbour", "--preset", "tiny", "-n", "4", "--seed", "20", "--steps", "3",
+                       "--scheduler", "euler_a", "-o", str(tmp_path / "b.png"), "--no-progress")  # fmt: skip
+    third = Path(out.split()[2])
+    assert read_recipe(third)["batch_size"] == 4 and read_recipe(third)["seed"] == 22
+    code, _, err = run(capsys, "generate", "--from-png", str(third), "-o", str(tmp_path / "again.png"), "--no-progress")
+    assert code == 0 and "made in a batch of 4" in err
+    a = np.asarray(Image.open(third), dtype=int)
+    b = np.asarray(Image.open(tmp_path / "again.png"), dtype=int)
+    assert np.abs(a - b).max() <= 1

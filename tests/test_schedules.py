@@ -42,10 +42,13 @@ def test_cosine_is_improved_ddpm(t):
 
 @pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
 def test_zero_terminal_snr(name):
-    # Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar) so the last is 0, the first unchanged
-    plain, rescaled = alphas_cumprod(name), alphas_cumprod(name, zero_terminal_snr=True)
+    # Lin et al. 2024, Algorithm 1: shift sqrt(alpha_bar) so the last is 0, then scale it so the
+    # first is unchanged: s_t = (sqrt(ab_t) - sqrt(ab_T)) * sqrt(ab_1) / (sqrt(ab_1) - sqrt(ab_T))
+    plain, rescaled = alphas_cumprod(name).numpy(), alphas_cumprod(name, zero_terminal_snr=True)
+    root = np.sqrt(plain)
+    expected = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
+    np.testing.assert_allclose(rescaled.numpy(), expected, rtol=1e-5, atol=1e-9)  # float32 inside diffusers
     assert rescaled[-1].item() == pytest.approx(0.0, abs=1e-12)
-    assert rescaled[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
     assert log_snr(rescaled)[-1].item() == -math.inf
     assert bool((rescaled[1:] <= rescaled[:-1]).all())  # still monotone
 
@@ -73,13 +76,33 @@ MODEL_CONFIG = {  # as read from an SD 1.5 folder's scheduler_config.json
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+EXPECTED = {  # the README's table, written out independently of the registry
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpmpp_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+def test_registry_has_exactly_the_design_names():
+    assert list(SAMPLERS) == list(EXPECTED)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
 def test_every_sampler_builds_from_the_model_config(name):
+    class_name, options = EXPECTED[name]
     sched = make_scheduler(name, MODEL_CONFIG)
-    assert type(sched).__name__ == SAMPLERS[name].class_name
+    assert type(sched).__name__ == class_name
     assert sched.config.beta_schedule == "scaled_linear" and sched.config.beta_end == 0.012
-    for key, value in SAMPLERS[name].options.items():
-        assert sched.config[key] == value
+    assert {k: sched.config[k] for k in options} == options
     sched.set_timesteps(10)
     assert len(sched.timesteps) >= 10
 
