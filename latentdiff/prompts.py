@@ -13,26 +13,22 @@ import warnings
 import torch
 
 
-@torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """Encode ``prompts`` -> (len(prompts), 77, D) on the text encoder's device and dtype.
 
     Tokens past the context length are cut off with a warning that says how many.
     """
     max_len = tokenizer.model_max_length
-    tokens = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-    _warn_truncated(tokenizer, prompts, max_len)
-    ids = tokens.input_ids.to(text_encoder.device)
-    # SD checkpoints were trained without an attention mask; a few text encoders ask for one.
-    mask = tokens.attention_mask.to(ids.device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    return text_encoder(ids, attention_mask=mask)[0]
-
-
-def _warn_truncated(tokenizer, prompts: list[str], max_len: int) -> None:
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
-    longest = max(lengths, default=0)
+    # verbose=False: we say it ourselves, in words that fit (transformers warns of "indexing errors")
+    longest = max(len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids)
     if longest > max_len:
         warnings.warn(
             f"a prompt is {longest - 2} tokens long; the text encoder sees only the first {max_len - 2}",
-            stacklevel=3,
+            stacklevel=2,
         )
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    ids = tokens.input_ids.to(text_encoder.device)
+    # SD checkpoints were trained without an attention mask; a few text encoders ask for one.
+    mask = tokens.attention_mask.to(ids.device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        return text_encoder(ids, attention_mask=mask)[0]
