@@ -156,11 +156,12 @@ class LatentDiffusion:
         for module in (self.unet, self.vae, self.text_encoder):
             if device is not None:
                 module.to(device)
-            if dtype is not None and not getattr(module, "_keep_in_fp32_modules", None):
-                # diffusers' own .to() warns about fp32-only modules even when there are none
+            if dtype is None:
+                continue
+            if getattr(module, "_keep_in_fp32_modules", None):
+                module.to(dtype)  # diffusers keeps the listed modules in float32
+            else:  # plain cast: diffusers' .to() warns about fp32-only modules even when it lists none
                 torch.nn.Module.to(module, dtype=dtype)
-            elif dtype is not None:
-                module.to(dtype)
         return self
 
     @property
