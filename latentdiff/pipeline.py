@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 import secrets
 import sys
@@ -20,9 +18,9 @@ from .metadata import save_png, weight_hash, weights_fingerprint
 from .prompts import encode_prompts
 from .sampling import StepCallback, denoise, initial_latents, make_generators, step_kwargs
 from .schedulers import make_scheduler, scheduler_from_config
+from .validation import MAX_SEED, check_float, check_size, positive_int, whole_number
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-MAX_SEED = 2**64 - 1
 # Keys of an image's params that are also arguments of LatentDiffusion.__call__.
 CALL_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
@@ -251,13 +249,13 @@ class LatentDiffusion:
                 f"got {len(prompts)} prompts but {len(negatives)} negative prompts; give one negative "
                 "prompt per prompt, or a single string for all"
             )
-        n = _positive_int(num_images_per_prompt, "num_images_per_prompt")
-        steps = _positive_int(num_inference_steps, "num_inference_steps")
-        height = _check_size("height", self.default_size if height is None else height, self.vae_scale_factor)
-        width = _check_size("width", self.default_size if width is None else width, self.vae_scale_factor)
-        guidance_scale = _check_float(guidance_scale, "guidance_scale", 0.0, None, "use 1 for no guidance, 7.5 is usual")
-        guidance_rescale = _check_float(guidance_rescale, "guidance_rescale", 0.0, 1.0, "0.7 is usual for v-prediction")
-        eta = _check_float(eta, "eta", 0.0, None, "eta is DDIM's noise level, 0 = deterministic")
+        n = positive_int(num_images_per_prompt, "num_images_per_prompt")
+        steps = positive_int(num_inference_steps, "num_inference_steps")
+        height = check_size("height", self.default_size if height is None else height, self.vae_scale_factor)
+        width = check_size("width", self.default_size if width is None else width, self.vae_scale_factor)
+        guidance_scale = check_float(guidance_scale, "guidance_scale", 0.0, None, "use 1 for no guidance, 7.5 is usual")
+        guidance_rescale = check_float(guidance_rescale, "guidance_rescale", 0.0, 1.0, "0.7 is usual for v-prediction")
+        eta = check_float(eta, "eta", 0.0, None, "eta is DDIM's noise level, 0 = deterministic")
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if self.unet.config.time_cond_proj_dim is not None:
@@ -362,45 +360,12 @@ def _as_prompt_list(value, name: str) -> list[str]:
     return list(items)
 
 
-def _whole(value) -> Optional[int]:
-    """``value`` as an int if it is a whole number (Python or numpy integer, not bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        return None
-    return int(value)
-
-
-def _positive_int(value, name: str) -> int:
-    n = _whole(value)
-    if n is None or n < 1:
-        raise InvalidInputError(f"{name} must be a whole number of at least 1, got {value!r}")
-    return n
-
-
-def _check_size(name: str, value, multiple: int) -> int:
-    n = _whole(value)
-    if n is None or n < multiple or n % multiple:
-        hint = ""
-        if n is not None and n >= multiple:
-            lower = n // multiple * multiple
-            hint = f" (try {lower} or {lower + multiple})"
-        raise InvalidInputError(f"{name} must be a positive multiple of {multiple}, got {value!r}{hint}")
-    return n
-
-
-def _check_float(value, name: str, low: float, high: Optional[float], hint: str) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (high is not None and value > high):
-        span = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise InvalidInputError(f"{name} must be a finite number {span}, got {value!r}; {hint}")
-    return float(value)
-
-
 def _expand_seeds(seed, total: int) -> list[int]:
     """One seed per image: None -> fresh random seeds; an int s -> s, s+1, ...; a list as given."""
     if seed is None:
         return [secrets.randbelow(2**32) for _ in range(total)]
-    if _whole(seed) is not None:
-        first = _whole(seed)
+    if whole_number(seed) is not None:
+        first = whole_number(seed)
         if not 0 <= first <= MAX_SEED - (total - 1):
             raise InvalidInputError(
                 f"seed must be from 0 to 2**64-{total} so that all {total} images (seed, seed+1, ...) fit, got {seed!r}"
@@ -410,7 +375,7 @@ def _expand_seeds(seed, total: int) -> list[int]:
         raise InvalidInputError(f"seed must be an int or a list of ints, got {type(seed).__name__}")
     if len(seed) != total:
         raise InvalidInputError(f"got {len(seed)} seeds for {total} images; give one seed per image, or a single int")
-    seeds = [_whole(s) for s in seed]
+    seeds = [whole_number(s) for s in seed]
     for s, given in zip(seeds, seed):
         if s is None or not 0 <= s <= MAX_SEED:
             raise InvalidInputError(f"seeds must be whole numbers from 0 to 2**64-1, got {given!r}")
