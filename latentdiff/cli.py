@@ -49,20 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
     g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--rescale", type=float, default=None, help="guidance rescale, 0..1 (default 0)")
-    g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
-    g.add_argument("--scheduler", choices=list(SAMPLERS), default=None, metavar="NAME",
-                   help=f"sampler: {', '.join(SAMPLERS)} (default: the model's own)")  # fmt: skip
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="diffusers-format model folder")
-    src.add_argument("--preset", choices=list(PRESETS), default=None, help="random weights of a named architecture")
-    g.add_argument("--preset-seed", type=int, default=0, help="seed of the --preset weights (default 0)")
     g.add_argument("--from-png", default=None, metavar="FILE", help="remake the image whose recipe FILE carries")
     g.add_argument("-o", "--output", default=".", help="FILE.png, or a folder (default: current folder)")
-    g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cuda if available)")
+    _add_run_arguments(g, PRESETS, SAMPLERS)
     g.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and arithmetic precision (default float32, or the recipe's with --from-png)")  # fmt: skip
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    b = sub.add_parser("batch", help="make the images of every row of a prompts file; resumable, multi-process")
+    b.add_argument("prompts", help=".txt (a prompt a line, # comments), .jsonl or .csv (columns: "
+                   "prompt, negative_prompt, seed, n, steps, guidance, width, height, scheduler, id)")  # fmt: skip
+    b.add_argument("--out", required=True, help="output folder: PNGs, manifest.jsonl, errors.jsonl")
+    b.add_argument("--batch-size", type=int, default=4, help="images per U-Net call (default 4)")
+    b.add_argument("--seed", type=int, default=0, help="base seed for rows without a seed of their own (default 0)")
+    b.add_argument("--negative", default="", help="negative prompt for rows without one")
+    b.add_argument("-n", "--num-images", type=int, default=1, help="images per row without its own n (default 1)")
+    b.add_argument("--steps", type=int, default=50, help="default denoising steps (default 50)")
+    b.add_argument("--cfg", type=float, default=7.5, help="default guidance scale (default 7.5)")
+    _add_run_arguments(b, PRESETS, SAMPLERS)
+    b.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default float32)")
+    b.add_argument("--overwrite", action="store_true", help="replace another run's images in --out")
 
     i = sub.add_parser("info", help="describe a model: parts, parameter counts, dtypes, scheduler, weight hash")
     which = i.add_mutually_exclusive_group()
@@ -76,10 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, presets, samplers) -> None:
+    """Options that generate and batch share: the model, the sampler, the size, the device."""
+    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    p.add_argument("--scheduler", choices=list(samplers), default=None, metavar="NAME",
+                   help=f"sampler: {', '.join(samplers)} (default: the model's own)")  # fmt: skip
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="diffusers-format model folder")
+    src.add_argument("--preset", choices=list(presets), default=None, help="random weights of a named architecture")
+    p.add_argument("--preset-seed", type=int, default=0, help="seed of the --preset weights (default 0)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"generate": _generate, "info": _info, "schedules": _schedules}[args.command](args)
+        commands = {"generate": _generate, "batch": _batch, "info": _info, "schedules": _schedules}
+        return commands[args.command](args)
     except LatentDiffusionError as e:
         print(f"latentdiff: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -166,6 +186,30 @@ def _generate(args) -> int:
     for path in result.save(args.output):
         print(path)
     return 0
+
+
+def _batch(args) -> int:
+    from .batch import BatchConfig, Defaults, run_batch
+
+    width, height = args.size if args.size is not None else (None, None)
+    config = BatchConfig(
+        prompts=Path(args.prompts),
+        out=Path(args.out),
+        model=args.model,
+        preset=args.preset,
+        preset_seed=args.preset_seed,
+        batch_size=args.batch_size,
+        base_seed=args.seed,
+        device=None if args.device is None else _device(args.device),
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        defaults=Defaults(
+            negative_prompt=args.negative, n=args.num_images, steps=args.steps, guidance=args.cfg,
+            width=width, height=height, scheduler=args.scheduler,
+        ),
+    )  # fmt: skip
+    return run_batch(config)
 
 
 def _warn_if_remake_differs(recipe: dict, pipe) -> None:
