@@ -287,9 +287,24 @@ def run_batch(config: BatchConfig) -> int:
         raise InvalidInputError(conflict)
 
     items = expand(rows, config.base_seed)
-    mine = items[state.process_index :: state.num_processes]
-    part = out / f"manifest.part-{state.process_index}.jsonl"
-    _check_finished(out, [it for it in mine if (out / it.file).exists()], part, pipe.default_size, config.overwrite)
+    rank, world = state.process_index, state.num_processes
+    mine = items[rank::world]
+    part = out / f"manifest.part-{rank}.jsonl"
+    # Every process checks every finished image, so all of them reach the same verdict (an error
+    # raised by one process alone would leave the others waiting at the next barrier).
+    unlisted, conflicts = _check_finished(out, [it for it in items if (out / it.file).exists()], pipe.default_size)
+    if conflicts and not config.overwrite:
+        raise InvalidInputError(
+            f"{out / conflicts[0].file} was not made from what row {conflicts[0].row.id!r} asks for now; "
+            "use another --out folder, or --overwrite to replace it"
+        )
+    own = {id(it) for it in mine}
+    for item in conflicts:
+        if id(item) in own:
+            (out / item.file).unlink(missing_ok=True)
+    for item, recipe in unlisted:
+        if id(item) in own:
+            _append(part, _manifest_line(item, recipe, None))
     pending = [it for it in mine if not (out / it.file).exists()]
     errors = [asdict(e) for e in parse_errors] if state.is_main_process else []
 
@@ -321,7 +336,12 @@ def _batch_key(item: Item):
 
 
 def _make(pipe, chunk: list[Item], out: Path, part: Path) -> list[dict]:
-    """Generate one batch and write its images; returns the error records (empty on success)."""
+    """Generate one batch and write its images; returns the error records (empty on success).
+
+    A failed batch never stops the run: bad values in the rows (size, scheduler, ...) are recorded
+    for each of its rows; any other failure (out of memory, say) is retried one image at a time
+    before the images that still fail are recorded.
+    """
     start = time.perf_counter()
     try:
         result = pipe(
@@ -331,8 +351,12 @@ def _make(pipe, chunk: list[Item], out: Path, part: Path) -> list[dict]:
             progress=False,
             **chunk[0].request(),
         )
-    except LatentDiffusionError as e:  # a bad value in these rows (size, scheduler, ...): skip them
-        return [{"id": it.row.id, "line": it.row.line, "index": it.index, "reason": str(e)} for it in chunk]
+    except LatentDiffusionError as e:
+        return [_error(it, str(e)) for it in chunk]
+    except Exception as e:  # noqa: BLE001 - one failed batch must not end a run of thousands
+        if len(chunk) > 1:
+            return [err for it in chunk for err in _make(pipe, [it], out, part)]
+        return [_error(chunk[0], f"{type(e).__name__}: {e}")]
     seconds = (time.perf_counter() - start) / len(chunk)
     from .metadata import save_png
 
@@ -340,6 +364,10 @@ def _make(pipe, chunk: list[Item], out: Path, part: Path) -> list[dict]:
         save_png(image, out / item.file, params)  # atomic: complete or absent
         _append(part, _manifest_line(item, params, seconds))  # only after the file is in place
     return []
+
+
+def _error(item: Item, reason: str) -> dict:
+    return {"id": item.row.id, "line": item.row.line, "index": item.index, "reason": reason}
 
 
 def _manifest_line(item: Item, params: dict, seconds: Optional[float]) -> dict:
@@ -384,16 +412,17 @@ def _recorded(out: Path) -> dict[str, dict]:
     return lines
 
 
-def _check_finished(out: Path, done: list[Item], part: Path, default_size: int, overwrite: bool) -> None:
+def _check_finished(out: Path, done: list[Item], default_size: int) -> tuple[list[tuple[Item, dict]], list[Item]]:
     """Resume: each finished image must be the one this run would make, and have a manifest line.
 
-    A PNG whose manifest line was lost (killed between rename and append) gets it back from the
-    recipe inside the PNG. A PNG made from other parameters is a conflict (never mix runs): an
-    error, or with ``overwrite`` removed so that it is made again.
+    Returns the images without a manifest line (killed between rename and append; the line is
+    rebuilt from the recipe inside the PNG) and the conflicts: images made from other parameters,
+    which are never mixed into this run.
     """
     from .metadata import read_recipe
 
     recorded = _recorded(out)
+    unlisted, conflicts = [], []
     for item in done:
         row = item.row
         try:
@@ -406,14 +435,10 @@ def _check_finished(out: Path, done: list[Item], part: Path, default_size: int, 
             "width": row.width or default_size, "height": row.height or default_size,
         }  # fmt: skip
         if any(recipe.get(k) != v for k, v in expected.items()):
-            if not overwrite:
-                raise InvalidInputError(
-                    f"{out / item.file} was not made from what row {row.id!r} asks for now; "
-                    "use another --out folder, or --overwrite to replace it"
-                )
-            (out / item.file).unlink()
+            conflicts.append(item)
         elif item.file not in recorded:
-            _append(part, _manifest_line(item, recipe, None))
+            unlisted.append((item, recipe))
+    return unlisted, conflicts
 
 
 def _merge(out: Path, items: list[Item], world: int) -> None:

@@ -208,3 +208,26 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
     lines = manifest(out)
     assert sorted(r["file"] for r in lines) == pngs  # one line per image, none without its file
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_failing_batch_is_retried_image_by_image(tiny, tmp_path):
+    """Out of memory (or any other failure) in one batch: retry alone, record only what still fails."""
+    from latentdiff.batch import _make, expand
+
+    class Flaky:
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, prompts, **kwargs):
+            self.calls.append(list(prompts))
+            if len(prompts) > 1 or prompts == ["cursed"]:
+                raise RuntimeError("CUDA out of memory")
+            return tiny(prompts, **{**kwargs, "num_inference_steps": 1})
+
+    rows, _ = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": "cursed"}, {"prompt": "ok"}]),
+                        Defaults())  # fmt: skip
+    pipe = Flaky()
+    errors = _make(pipe, expand(rows, 0), tmp_path, tmp_path / "part.jsonl")
+    assert pipe.calls == [["fine", "cursed", "ok"], ["fine"], ["cursed"], ["ok"]]
+    assert [(e["id"], e["reason"]) for e in errors] == [("2", "RuntimeError: CUDA out of memory")]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["1-0.png", "3-0.png"]
