@@ -70,9 +70,10 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist; give a PNG that latentdiff wrote")
     try:
-        with Image.open(path) as im:
-            im.load()
-            text = im.text.get(PNG_KEY) if hasattr(im, "text") else None
+        with Image.open(path) as im:  # text chunks before the pixels are read without decoding
+            if im.format != "PNG":
+                raise InvalidInputError(f"{path} is a {im.format} image, not a PNG that latentdiff wrote")
+            text = im.info.get(PNG_KEY)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise InvalidInputError(f"cannot read {path} as a PNG ({e}); give a PNG that latentdiff wrote") from None
     if text is None:

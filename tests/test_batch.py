@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentdiff.batch import Defaults, Row, image_seed, read_rows
+from latentdiff.batch import Defaults, Row, expand, image_seed, read_rows
 from latentdiff.cli import main
 from latentdiff.metadata import read_recipe
 
@@ -128,7 +128,7 @@ def test_txt_and_csv_files(tmp_path):
     csv_file.write_text('prompt,seed,n,id\n"a cat, sitting",5,2,c1\na dog,,,\nx,notanumber,,\n')
     rows, errors = read_rows(csv_file, Defaults(n=3))
     assert [(r.id, r.prompt, r.seed, r.n) for r in rows] == [("c1", "a cat, sitting", 5, 2), ("3", "a dog", None, 3)]
-    assert len(errors) == 1 and "seed must be a int" in errors[0].reason
+    assert len(errors) == 1 and "seed must be a whole number" in errors[0].reason
     bad = tmp_path / "bad.csv"
     bad.write_text("prompt,colour\nx,red\n")
     with pytest.raises(ValueError, match="unknown: colour"):
@@ -137,7 +137,7 @@ def test_txt_and_csv_files(tmp_path):
 
 def test_duplicate_ids_are_errors(tmp_path):
     rows, errors = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "id": "x"}, {"prompt": "b", "id": "x"}]), Defaults())
-    assert len(rows) == 1 and "used by an earlier row" in errors[0].reason
+    assert len(rows) == 1 and "is taken by an earlier row" in errors[0].reason
 
 
 def test_resume_makes_only_what_is_missing(prompts, tmp_path):
@@ -155,15 +155,106 @@ def test_resume_makes_only_what_is_missing(prompts, tmp_path):
 def test_another_runs_folder_is_refused_unless_overwrite(prompts, tmp_path, capsys):
     out = tmp_path / "out"
     assert batch(prompts, "--out", out) == 0
-    assert main(["batch", str(prompts), "--out", str(out), "--preset", "tiny", "--steps", "3", "--no-progress"]) == 2
-    assert "holds another run (different defaults)" in capsys.readouterr().err
-    assert main(["batch", str(prompts), "--out", str(out), "--preset", "tiny", "--steps", "3", "--no-progress",
-                 "--overwrite"]) == 0  # fmt: skip
+    (out / "notes.txt").write_text("mine")
+    Image.new("RGB", (4, 4)).save(out / "holiday-1.png")  # a user's own file with a similar name
+    steps3 = ["batch", str(prompts), "--out", str(out), "--preset", "tiny", "--steps", "3", "--no-progress"]
+    assert main(steps3) == 2
+    assert "holds 7 images of another run (another model, dtype, device, base seed or defaults" in capsys.readouterr().err
+    assert main([*steps3, "--overwrite"]) == 0
     assert all(r["params"]["num_inference_steps"] == 3 for r in manifest(out) if r["id"] != "3")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "holiday-1.png").is_file()  # not ours: kept
     # a changed prompt under an existing id is another run too
     write_jsonl(prompts, [{**ROWS[0], "prompt": "a green apple"}, *ROWS[1:]])
-    assert main(["batch", str(prompts), "--out", str(out), "--preset", "tiny", "--steps", "3", "--no-progress"]) == 2
-    assert "was not made from what row '1' asks for now" in capsys.readouterr().err
+    assert main(steps3) == 2
+    assert "rows this file does not have, or other values; e.g. 1-0.png" in capsys.readouterr().err
+
+
+def test_a_second_prompts_file_into_the_same_folder_is_refused(prompts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert batch(prompts, "--out", out) == 0
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "something else", "id": "x"}])
+    assert batch(other, "--out", out) == 2
+    assert "images of another run" in capsys.readouterr().err
+    assert not (out / "x-0.png").exists() and len(manifest(out)) == 7
+
+
+def test_overwrite_deletes_only_our_images(prompts, tmp_path):
+    out = tmp_path / "out"
+    assert batch(prompts, "--out", out) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    with open(out / "manifest.jsonl", "a") as f:  # a hostile or foreign manifest line
+        f.write(json.dumps({"file": str(victim)}) + "\n" + json.dumps({"file": "../victim.txt"}) + "\n")
+    assert batch(prompts, "--out", out, "--seed", "5", "--overwrite") == 0
+    assert victim.read_text() == "keep me"
+    assert len(manifest(out)) == 7 and all(r["file"].endswith(".png") for r in manifest(out))
+
+
+def test_planted_crash_states_are_repaired(prompts, tmp_path):
+    """What SIGKILL can leave: a truncated manifest line, a PNG without its line, a temp file."""
+    out = tmp_path / "out"
+    assert batch(prompts, "--out", out) == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    (out / "manifest.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])  # cut mid-line
+    (out / "5-0.png").unlink()
+    (out / ".5-0.png.abc123.tmp").write_bytes(b"\x89PNG half")
+    (out / ".unrelated.tmp").write_text("not ours")
+    assert batch(prompts, "--out", out) == 0
+    assert not (out / ".5-0.png.abc123.tmp").exists() and (out / ".unrelated.tmp").exists()
+    records = manifest(out)
+    assert [r["file"] for r in records] == ["1-0.png", "1-1.png", "house-0.png", "3-0.png", "4-0.png", "4-1.png", "5-0.png"]
+    assert all(read_recipe(out / r["file"]) == r["params"] for r in records)
+
+
+def test_text_encodings_and_nulls(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_bytes("\ufeff# comment first\nun café\n".encode())
+    rows, errors = read_rows(txt, Defaults())
+    assert [r.prompt for r in rows] == ["un café"] and not errors
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_bytes("\ufeffprompt,n\na cat,2\n".encode())
+    assert [(r.prompt, r.n) for r in read_rows(csv_file, Defaults())[0]] == [("a cat", 2)]
+    jsonl = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "n": None, "id": None, "seed": None}, {"prompt": "b", "id": True}])
+    rows, errors = read_rows(jsonl, Defaults(n=2))
+    assert [(r.id, r.n, r.seed) for r in rows] == [("1", 2, None)]
+    assert "id must be a string or a whole number" in errors[0].reason
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text.*save it as UTF-8"):
+        read_rows(latin, Defaults())
+
+
+def test_limits_are_checked_when_the_file_is_read(tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "n": 10**9}, {"prompt": "b", "width": 10**6},
+                                                 {"prompt": "c", "scheduler": "nope"}, {"prompt": "d"}])  # fmt: skip
+    rows, errors = read_rows(prompts, Defaults())
+    assert [r.prompt for r in rows] == ["d"]
+    assert ["at most 10000" in errors[0].reason, "at most 16384" in errors[1].reason] == [True, True]
+    assert "unknown scheduler 'nope'" in errors[2].reason
+    # bad CLI defaults fail at once, before any model is loaded
+    assert batch(prompts, "--out", tmp_path / "o", "-n", "0") == 2
+    assert "n must be a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_ids_differing_only_in_case_get_distinct_files(tmp_path):
+    rows, _ = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "id": "A"}, {"prompt": "y", "id": "a"}]), Defaults())
+    files = [it.file for it in expand(rows, 0)]
+    assert len({f.lower() for f in files}) == 2
+
+
+def test_txt_file_end_to_end(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# my prompts\na cat\n\na dog\n")
+    assert batch(prompts, "--out", tmp_path / "out", "-n", "2") == 0
+    assert [(r["id"], r["index"]) for r in manifest(tmp_path / "out")] == [("2", 0), ("2", 1), ("4", 0), ("4", 1)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _batch_command(prompts: Path, out: Path, *extra) -> list[str]:
@@ -175,7 +266,7 @@ def test_two_processes_make_the_same_images(prompts, tmp_path):
     assert batch(prompts, "--out", tmp_path / "one", "--steps", "2") == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = _batch_command(prompts, tmp_path / "two", sys.executable, "-m", "torch.distributed.run",
-                             "--nproc_per_node", "2", "--master_port", "29533")  # fmt: skip
+                             "--nproc_per_node", "2", "--master_port", str(_free_port()))  # fmt: skip
     proc = subprocess.run([*command, "--steps", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
@@ -212,7 +303,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
 
 def test_a_failing_batch_is_retried_image_by_image(tiny, tmp_path):
     """Out of memory (or any other failure) in one batch: retry alone, record only what still fails."""
-    from latentdiff.batch import _make, expand
+    from latentdiff.batch import _make
 
     class Flaky:
         def __init__(self):
@@ -231,3 +322,14 @@ def test_a_failing_batch_is_retried_image_by_image(tiny, tmp_path):
     assert pipe.calls == [["fine", "cursed", "ok"], ["fine"], ["cursed"], ["ok"]]
     assert [(e["id"], e["reason"]) for e in errors] == [("2", "RuntimeError: CUDA out of memory")]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["1-0.png", "3-0.png"]
+
+
+def test_two_processes_refuse_another_runs_folder_without_hanging(prompts, tmp_path):
+    """The folder check runs on the main process; its verdict must reach the other one too."""
+    assert batch(prompts, "--out", tmp_path / "out") == 0
+    command = _batch_command(prompts, tmp_path / "out", sys.executable, "-m", "torch.distributed.run",
+                             "--nproc_per_node", "2", "--master_port", str(_free_port()))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*command, "--steps", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("holds 7 images of another run") == 2  # both processes say why
