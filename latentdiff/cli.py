@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--rescale", type=float, default=None, help="guidance rescale, 0..1 (default 0)")
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
+    g.add_argument("--clip-skip", type=int, default=None, help="condition on the N-th last text-encoder layer (default 0)")
     g.add_argument("--from-png", default=None, metavar="FILE", help="remake the image whose recipe FILE carries")
     g.add_argument("-o", "--output", default=".", help="FILE.png, or a folder (default: current folder)")
     _add_run_arguments(g, PRESETS, SAMPLERS)
@@ -163,6 +164,7 @@ def _generate(args) -> int:
         "scheduler": args.scheduler,
         "eta": args.eta,
         "seed": args.seed,
+        "clip_skip": args.clip_skip,
     }
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size

@@ -15,7 +15,7 @@ import torch
 from . import components, presets
 from .errors import InvalidInputError, MissingFileError
 from .metadata import save_png, weight_hash, weights_fingerprint
-from .prompts import encode_prompts
+from .prompts import count_chunks, encode_prompts
 from .sampling import StepCallback, denoise, initial_latents, make_generators, step_kwargs
 from .schedulers import make_scheduler, scheduler_from_config
 from .validation import MAX_SEED, check_float, check_size, positive_int, whole_number
@@ -24,7 +24,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Keys of an image's params that are also arguments of LatentDiffusion.__call__.
 CALL_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
-    "guidance_rescale", "scheduler", "eta", "height", "width",
+    "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip",
 )  # fmt: skip
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 _NUMBERED = re.compile(r"^(\d{4,})-\d+\.png$")  # NNNN-SEED.png
@@ -215,7 +215,7 @@ class LatentDiffusion:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: Union[str, Sequence[str]],
+        prompt: Union[str, Sequence[str], None] = None,
         negative_prompt: Union[str, Sequence[str], None] = None,
         num_images_per_prompt: int = 1,
         num_inference_steps: int = 50,
@@ -229,6 +229,9 @@ class LatentDiffusion:
         output_type: str = "pil",
         callback: Optional[StepCallback] = None,
         progress: Optional[bool] = None,
+        clip_skip: int = 0,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
     ) -> GenerationResult:
         """Text to image.
 
@@ -237,10 +240,30 @@ class LatentDiffusion:
         name from ``latentdiff.schedulers.SAMPLERS``, or None for the model's own. ``callback``
         is called after every step as ``callback(step_index, timestep, latents)``. ``progress``
         shows a progress bar (default: when stderr is a terminal).
+
+        Prompts may be longer than 75 tokens and use the weighting syntax (see ``prompts.py``);
+        ``clip_skip`` = N conditions on the N-th last text-encoder layer. ``prompt_embeds`` (B, L, D)
+        and ``negative_prompt_embeds`` replace ``prompt`` / ``negative_prompt``. Prompts are batched
+        by their length in 77-token chunks, so a short prompt's image does not depend on a long
+        prompt sharing its call (``callback`` then runs once per length).
         """
         # 1. check the request and expand it to one entry per image
-        prompts = _as_prompt_list(prompt, "prompt")
-        if negative_prompt is None or isinstance(negative_prompt, str):  # one for all prompts
+        if (prompt is None) == (prompt_embeds is None):
+            raise InvalidInputError("give prompt or prompt_embeds (one of the two)")
+        if prompt_embeds is not None:
+            prompts = [None] * _check_embeds(prompt_embeds, "prompt_embeds", self.text_encoder).shape[0]
+        else:
+            prompts = _as_prompt_list(prompt, "prompt")
+        if negative_prompt_embeds is not None:
+            if negative_prompt is not None or prompt_embeds is None:
+                raise InvalidInputError("negative_prompt_embeds goes with prompt_embeds, and replaces negative_prompt")
+            if _check_embeds(negative_prompt_embeds, "negative_prompt_embeds", self.text_encoder).shape != prompt_embeds.shape:
+                raise InvalidInputError(
+                    f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)}, prompt_embeds "
+                    f"{tuple(prompt_embeds.shape)}; they must match"
+                )
+            negatives = [None] * len(prompts)
+        elif negative_prompt is None or isinstance(negative_prompt, str):  # one for all prompts
             negatives = [negative_prompt or ""] * len(prompts)
         else:
             negatives = _as_prompt_list(negative_prompt, "negative_prompt")
@@ -269,7 +292,7 @@ class LatentDiffusion:
         sched_name = scheduler or type(sched).__name__
         if eta > 0 and "eta" not in step_kwargs(sched, [], eta):
             warnings.warn(f"eta={eta} has no effect with scheduler {sched_name}; use 'ddim'", stacklevel=3)
-        if guidance_scale <= 1.0 and any(negatives):
+        if guidance_scale <= 1.0 and (any(negatives) or negative_prompt_embeds is not None):
             warnings.warn("negative_prompt has no effect when guidance_scale <= 1 (no unconditional pass)", stacklevel=3)
         try:
             sched.set_timesteps(steps, device=self.device)
@@ -278,24 +301,30 @@ class LatentDiffusion:
         if progress is None:
             progress = sys.stderr.isatty()
 
-        # 2. encode the prompts: (B, 77, D), B = total; no unconditional pass without guidance
-        cond = encode_prompts(self.tokenizer, self.text_encoder, prompts).repeat_interleave(n, dim=0)
-        uncond = None
-        if guidance_scale > 1.0:
-            uncond = encode_prompts(self.tokenizer, self.text_encoder, negatives).repeat_interleave(n, dim=0)
+        # 2. encode the prompts, one group per length in chunks: [(prompt indices, cond, uncond)],
+        #    cond / uncond (P, 77k, D); no unconditional pass without guidance
+        groups = self._encode(prompts, negatives, guidance_scale > 1.0, clip_skip, prompt_embeds, negative_prompt_embeds)
 
-        # 3. the starting latents, one private generator per image: (B, C, H/8, W/8)
+        # 3.-4. per group: each image's starting latent from its own generator, then denoise
         generators = make_generators(seeds)
         f = self.vae_scale_factor
         shape = (self.unet.config.in_channels, height // f, width // f)
-        latents = initial_latents(generators, shape, device=self.device, dtype=self.unet.dtype) * sched.init_noise_sigma
-
-        # 4. denoise
-        latents = denoise(
-            self.unet, sched, latents, cond, uncond,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            generators=generators, eta=eta, callback=callback, progress=progress,
-        )  # fmt: skip
+        finished: list[Optional[torch.Tensor]] = [None] * total
+        for indices, cond, uncond in groups:
+            images = [i * n + j for i in indices for j in range(n)]  # prompt-major image order
+            gens = [generators[m] for m in images]
+            sched = self._make_scheduler(scheduler)
+            sched.set_timesteps(steps, device=self.device)
+            latents = initial_latents(gens, shape, device=self.device, dtype=self.unet.dtype) * sched.init_noise_sigma
+            latents = denoise(
+                self.unet, sched, latents, cond.repeat_interleave(n, dim=0),
+                None if uncond is None else uncond.repeat_interleave(n, dim=0),
+                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                generators=gens, eta=eta, callback=callback, progress=progress,
+            )  # fmt: skip
+            for m, z in zip(images, latents):
+                finished[m] = z
+        latents = torch.stack(finished)  # (B, C, H/8, W/8)
 
         # 5. decode
         images = latents if output_type == "latent" else self._decode(latents, output_type)
@@ -305,6 +334,7 @@ class LatentDiffusion:
             "guidance_rescale": guidance_rescale,
             "scheduler": scheduler,
             "scheduler_class": type(sched).__name__,
+            "clip_skip": clip_skip,
             "eta": eta,
             "height": height,
             "width": width,
@@ -323,6 +353,41 @@ class LatentDiffusion:
         ]
         return GenerationResult(images=images, seeds=seeds, params=params)
 
+    def _encode(self, prompts, negatives, guided: bool, clip_skip: int, prompt_embeds, negative_prompt_embeds):
+        """Conditioning grouped by length: [(prompt indices, cond (P, 77k, D), uncond or None)].
+
+        A prompt and its negative are padded to the longer of the two; prompts of equal length
+        share a group, so nothing about an image depends on the other prompts of the call.
+        """
+        tok, enc = self.tokenizer, self.text_encoder
+        if prompt_embeds is not None:
+            cond = prompt_embeds.to(enc.device, enc.dtype)
+            if not guided:
+                return [(list(range(len(prompts))), cond, None)]
+            if negative_prompt_embeds is None:
+                chunks, rest = divmod(cond.shape[1], tok.model_max_length)
+                if rest:
+                    raise InvalidInputError(
+                        f"prompt_embeds has length {cond.shape[1]}, not a multiple of {tok.model_max_length}; "
+                        "pass negative_prompt_embeds of the same shape"
+                    )
+                uncond = encode_prompts(tok, enc, negatives, clip_skip=clip_skip, num_chunks=chunks)
+            else:
+                uncond = negative_prompt_embeds.to(enc.device, enc.dtype)
+            return [(list(range(len(prompts))), cond, uncond)]
+        lengths = [
+            max(count_chunks(tok, p), count_chunks(tok, q) if guided else 1) for p, q in zip(prompts, negatives)
+        ]
+        groups = []
+        for k in sorted(set(lengths), key=lengths.index):
+            idx = [i for i, length in enumerate(lengths) if length == k]
+            cond = encode_prompts(tok, enc, [prompts[i] for i in idx], clip_skip=clip_skip, num_chunks=k)
+            uncond = None
+            if guided:
+                uncond = encode_prompts(tok, enc, [negatives[i] for i in idx], clip_skip=clip_skip, num_chunks=k)
+            groups.append((idx, cond, uncond))
+        return groups
+
     def _make_scheduler(self, name: Optional[str]):
         if name is None:
             return _fresh(self.scheduler)  # the model's own, or whatever the user set pipe.scheduler to
@@ -338,6 +403,16 @@ class LatentDiffusion:
             z = z + config.shift_factor
         decoded = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
         return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(decoded, output_type=output_type)
+
+
+def _check_embeds(embeds, name: str, text_encoder) -> torch.Tensor:
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] < 1:
+        raise InvalidInputError(f"{name} must be a (batch, tokens, dim) tensor")
+    if embeds.shape[-1] != text_encoder.config.hidden_size:
+        raise InvalidInputError(
+            f"{name} has dimension {embeds.shape[-1]}, this model's text encoder {text_encoder.config.hidden_size}"
+        )
+    return embeds
 
 
 def _fresh(scheduler):

@@ -37,7 +37,7 @@ def test_bad_arguments(tiny, kwargs, message):
     "prompt, message",
     [
         ([], "prompt is an empty list; give at least one prompt"),
-        (None, "prompt must be a string or a list of strings, got NoneType"),
+        (None, "give prompt or prompt_embeds"),
         (3, "prompt must be a string or a list of strings, got int"),
         (["ok", 4], "prompt must be a string or a list of strings"),
     ],
@@ -80,6 +80,14 @@ def test_eta_without_ddim_warns(tiny):
         tiny("x", eta=0.5, scheduler="euler", num_inference_steps=1, output_type="latent")
 
 
-def test_too_long_prompt_warns(tiny):
-    with pytest.warns(UserWarning, match="only the first 75"):
-        tiny("word " * 100, num_inference_steps=1, output_type="latent")
+def test_bad_clip_skip_and_embeds(tiny):
+    import torch
+
+    with pytest.raises(InvalidInputError, match="clip_skip must be a whole number from 0 to 1"):
+        tiny("x", clip_skip=2, num_inference_steps=1)
+    with pytest.raises(InvalidInputError, match="prompt_embeds has dimension 16, this model's text encoder 32"):
+        tiny(prompt_embeds=torch.zeros(1, 77, 16), num_inference_steps=1)
+    with pytest.raises(InvalidInputError, match="give prompt or prompt_embeds"):
+        tiny("x", prompt_embeds=torch.zeros(1, 77, 32), num_inference_steps=1)
+    with pytest.raises(InvalidInputError, match="not a multiple of 77"):
+        tiny(prompt_embeds=torch.zeros(1, 80, 32), num_inference_steps=1)

@@ -185,3 +185,12 @@ def test_from_png_of_a_batch_image_is_within_one_level_and_warns(capsys, tmp_pat
     a = np.asarray(Image.open(third), dtype=int)
     b = np.asarray(Image.open(tmp_path / "again.png"), dtype=int)
     assert np.abs(a - b).max() <= 1
+
+
+def test_clip_skip_flag_round_trips(capsys, tmp_path):
+    first, again = tmp_path / "c.png", tmp_path / "c-again.png"
+    assert run(capsys, "generate", "a (misty:1.3) forest", "--preset", "tiny", "--clip-skip", "1", "--steps", "2",
+               "-o", str(first), "--no-progress")[0] == 0  # fmt: skip
+    assert read_recipe(first)["clip_skip"] == 1 and read_recipe(first)["prompt"] == "a (misty:1.3) forest"
+    assert run(capsys, "generate", "--from-png", str(first), "-o", str(again), "--no-progress")[0] == 0
+    assert first.read_bytes() == again.read_bytes()
