@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--rescale", type=float, default=None, help="guidance rescale, 0..1 (default 0)")
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
+    g.add_argument("--image", default=None, metavar="FILE", help="image-to-image: start from this picture")
+    g.add_argument("--strength", type=float, default=None, help="image-to-image: how much to change, 0..1 (default 0.6)")
     g.add_argument("--clip-skip", type=int, default=None, help="condition on the N-th last text-encoder layer (default 0)")
     g.add_argument("--from-png", default=None, metavar="FILE", help="remake the image whose recipe FILE carries")
     g.add_argument("-o", "--output", default=".", help="FILE.png, or a folder (default: current folder)")
@@ -165,6 +167,8 @@ def _generate(args) -> int:
         "eta": args.eta,
         "seed": args.seed,
         "clip_skip": args.clip_skip,
+        "image": args.image,
+        "strength": args.strength,
     }
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size
@@ -211,7 +215,19 @@ def _batch(args) -> int:
             width=width, height=height, scheduler=args.scheduler,
         ),
     )  # fmt: skip
-    return run_batch(config)
+    try:
+        return run_batch(config)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Tear down torch.distributed before exit: left to interpreter shutdown, gloo can abort
+    the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _warn_if_remake_differs(recipe: dict, pipe) -> None:
@@ -223,6 +239,11 @@ def _warn_if_remake_differs(recipe: dict, pipe) -> None:
         reasons.append(f"it was made on {recipe['device']}, this runs on {pipe.device.type}")
     if (recipe.get("batch_size") or 1) > 1:
         reasons.append(f"it was made in a batch of {recipe['batch_size']} and is remade alone (pixels may differ by 1 level)")
+    if recipe.get("image") and Path(recipe["image"]).is_file():
+        from .images import image_hash, load_image
+
+        if image_hash(load_image(recipe["image"])) != recipe.get("image_hash"):
+            reasons.append(f"the input image {recipe['image']} has changed since")
     if recipe.get("scheduler") is None and recipe.get("scheduler_class") not in (None, type(pipe.scheduler).__name__):
         reasons.append(f"it used {recipe['scheduler_class']}, the model's scheduler is {type(pipe.scheduler).__name__}")
     if reasons:

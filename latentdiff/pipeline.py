@@ -15,6 +15,7 @@ import torch
 from . import components, presets
 from .errors import InvalidInputError, MissingFileError
 from .metadata import save_png, weight_hash, weights_fingerprint
+from .images import ImageInput, image_hash, load_image
 from .prompts import count_chunks, encode_prompts
 from .sampling import StepCallback, denoise, initial_latents, make_generators, step_kwargs
 from .schedulers import make_scheduler, scheduler_from_config
@@ -24,7 +25,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Keys of an image's params that are also arguments of LatentDiffusion.__call__.
 CALL_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
-    "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip",
+    "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip", "image", "strength",
 )  # fmt: skip
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 _NUMBERED = re.compile(r"^(\d{4,})-\d+\.png$")  # NNNN-SEED.png
@@ -232,6 +233,8 @@ class LatentDiffusion:
         clip_skip: int = 0,
         prompt_embeds: Optional[torch.Tensor] = None,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
+        image: Union[ImageInput, Sequence[ImageInput], None] = None,
+        strength: Optional[float] = None,
     ) -> GenerationResult:
         """Text to image.
 
@@ -246,6 +249,12 @@ class LatentDiffusion:
         and ``negative_prompt_embeds`` replace ``prompt`` / ``negative_prompt``. Prompts are batched
         by their length in 77-token chunks, so a short prompt's image does not depend on a long
         prompt sharing its call (``callback`` then runs once per length).
+
+        Image-to-image: ``image`` (a path or PIL image, or one per prompt) is encoded, noised to
+        the level ``strength`` (0..1, default 0.6) and denoised over the last ``strength`` part of
+        the steps; ``height`` / ``width`` default to the image's size rounded down to a multiple
+        of 8. The encoder's sample and the added noise are the 1st and 2nd draws of each image's
+        own generator (as diffusers' img2img pipeline draws them).
         """
         # 1. check the request and expand it to one entry per image
         if (prompt is None) == (prompt_embeds is None):
@@ -274,6 +283,16 @@ class LatentDiffusion:
             )
         n = positive_int(num_images_per_prompt, "num_images_per_prompt")
         steps = positive_int(num_inference_steps, "num_inference_steps")
+        init_images, image_names = self._init_images(image, len(prompts))
+        if init_images is None and strength is not None:
+            raise InvalidInputError("strength applies to image-to-image only; give image= too, or drop strength")
+        if init_images is not None:
+            strength = check_float(0.6 if strength is None else strength, "strength", 0.0, 1.0,
+                                   "0 keeps the image, 1 replaces it")  # fmt: skip
+            first = init_images[0]
+            f = self.vae_scale_factor
+            height = first.height // f * f if height is None else height
+            width = first.width // f * f if width is None else width
         height = check_size("height", self.default_size if height is None else height, self.vae_scale_factor)
         width = check_size("width", self.default_size if width is None else width, self.vae_scale_factor)
         guidance_scale = check_float(guidance_scale, "guidance_scale", 0.0, None, "use 1 for no guidance, 7.5 is usual")
@@ -315,12 +334,17 @@ class LatentDiffusion:
             gens = [generators[m] for m in images]
             sched = self._make_scheduler(scheduler)
             sched.set_timesteps(steps, device=self.device)
-            latents = initial_latents(gens, shape, device=self.device, dtype=self.unet.dtype) * sched.init_noise_sigma
+            if init_images is None:
+                latents = initial_latents(gens, shape, device=self.device, dtype=self.unet.dtype) * sched.init_noise_sigma
+                timesteps = sched.timesteps
+            else:
+                picked = [init_images[i if len(init_images) > 1 else 0] for i in indices for _ in range(n)]
+                latents, timesteps = self._img2img_start(picked, height, width, gens, sched, steps, strength)
             latents = denoise(
                 self.unet, sched, latents, cond.repeat_interleave(n, dim=0),
                 None if uncond is None else uncond.repeat_interleave(n, dim=0),
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                generators=gens, eta=eta, callback=callback, progress=progress,
+                generators=gens, eta=eta, callback=callback, progress=progress, timesteps=timesteps,
             )  # fmt: skip
             for m, z in zip(images, latents):
                 finished[m] = z
@@ -347,10 +371,16 @@ class LatentDiffusion:
             "batch_size": total,
             "latentdiff_version": _version(),
         }
+        if init_images is not None:
+            base["strength"] = strength
         params = [
             {"prompt": prompts[i // n], "negative_prompt": negatives[i // n], "seed": seeds[i], **base}
             for i in range(total)
         ]
+        if init_images is not None:  # which input each image came from (a path, or only its hash)
+            for i, p in enumerate(params):
+                k = i // n if len(init_images) > 1 else 0
+                p["image"], p["image_hash"] = image_names[k], image_hash(init_images[k])
         return GenerationResult(images=images, seeds=seeds, params=params)
 
     def _encode(self, prompts, negatives, guided: bool, clip_skip: int, prompt_embeds, negative_prompt_embeds):
@@ -387,6 +417,40 @@ class LatentDiffusion:
                 uncond = encode_prompts(tok, enc, [negatives[i] for i in idx], clip_skip=clip_skip, num_chunks=k)
             groups.append((idx, cond, uncond))
         return groups
+
+    def _init_images(self, image, num_prompts: int):
+        """Image-to-image inputs as RGB PIL images, and their paths (None where not a file)."""
+        if image is None:
+            return None, None
+        sources = list(image) if isinstance(image, (list, tuple)) else [image]
+        if len(sources) not in (1, num_prompts):
+            raise InvalidInputError(f"got {len(sources)} images for {num_prompts} prompts; give one image, or one per prompt")
+        names = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in sources]
+        return [load_image(s) for s in sources], names
+
+    def _img2img_start(self, images, height: int, width: int, generators, sched, steps: int, strength: float):
+        """z_t of each input image and the timesteps left to run (SDEdit, Meng et al. 2022).
+
+        The image is encoded (posterior sample from the image's generator: draw 1), scaled, and
+        noised to the timestep at which the last ``strength`` part of the schedule begins (draw 2).
+        """
+        from diffusers.image_processor import VaeImageProcessor
+
+        pixels = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(images, height=height, width=width)
+        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist  # (B, C, h, w)
+        shape = tuple(posterior.mean.shape[1:])
+        eps = initial_latents(generators, shape, device=self.device, dtype=posterior.mean.dtype)
+        z0 = (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor
+        noise = initial_latents(generators, shape, device=self.device, dtype=self.unet.dtype)
+        kept = min(int(steps * strength), steps)  # steps actually run
+        if kept == 0:  # strength 0, or too small for one step: the encoded image itself
+            return z0.to(self.unet.dtype), sched.timesteps[:0]
+        start = (steps - kept) * sched.order
+        timesteps = sched.timesteps[start:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        z = sched.add_noise(z0.to(self.unet.dtype), noise, timesteps[:1].repeat(len(images)))
+        return z, timesteps
 
     def _make_scheduler(self, name: Optional[str]):
         if name is None:

@@ -70,16 +70,18 @@ def denoise(
     eta: float = 0.0,
     callback: Optional[StepCallback] = None,
     progress: bool = False,
+    timesteps: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps over ``latents`` (B, C, h, w) and return z_0.
 
     ``cond`` / ``uncond`` are (B, L, D). With ``uncond`` given, the conditional and
     unconditional predictions come from one batched U-Net call on 2B latents (Ho & Salimans
     2022): eps = eps_u + s * (eps_c - eps_u). With ``uncond`` None there is one pass on B.
+    ``timesteps`` defaults to all of the scheduler's (image-to-image runs only the last ones).
     """
     embeds = cond if uncond is None else torch.cat([uncond, cond])  # (B or 2B, L, D)
     extra = step_kwargs(scheduler, generators, eta)
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
     for i, t in enumerate(tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False)):
         model_in = latents if uncond is None else torch.cat([latents, latents])
         model_in = scheduler.scale_model_input(model_in, t)

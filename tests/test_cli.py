@@ -194,3 +194,18 @@ def test_clip_skip_flag_round_trips(capsys, tmp_path):
     assert read_recipe(first)["clip_skip"] == 1 and read_recipe(first)["prompt"] == "a (misty:1.3) forest"
     assert run(capsys, "generate", "--from-png", str(first), "-o", str(again), "--no-progress")[0] == 0
     assert first.read_bytes() == again.read_bytes()
+
+
+def test_image_to_image_from_the_command_line(capsys, tmp_path):
+    source, first, again = tmp_path / "in.png", tmp_path / "out.png", tmp_path / "again.png"
+    Image.fromarray((np.indices((40, 56)).sum(0) % 256).astype(np.uint8)).convert("RGB").save(source)
+    assert run(capsys, "generate", "a mosaic", "--preset", "tiny", "--image", str(source), "--strength", "0.5",
+               "--steps", "4", "-o", str(first), "--no-progress")[0] == 0  # fmt: skip
+    recipe = read_recipe(first)
+    assert recipe["strength"] == 0.5 and recipe["image"] == str(source.resolve())
+    assert Image.open(first).size == (56, 40)
+    assert run(capsys, "generate", "--from-png", str(first), "-o", str(again), "--no-progress")[0] == 0
+    assert first.read_bytes() == again.read_bytes()
+    Image.new("RGB", (56, 40), "red").save(source)  # the input changes: the remake says so
+    code, _, err = run(capsys, "generate", "--from-png", str(first), "-o", str(tmp_path / "x.png"), "--no-progress")
+    assert code == 0 and "has changed since" in err
