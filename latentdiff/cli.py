@@ -32,6 +32,13 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _factor(text: str) -> float:
+    try:
+        return float(text.lower().removesuffix("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hires takes a factor such as 2x or 1.5, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .presets import PRESETS
@@ -52,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     g.add_argument("--image", default=None, metavar="FILE", help="image-to-image: start from this picture")
     g.add_argument("--strength", type=float, default=None, help="image-to-image: how much to change, 0..1 (default 0.6)")
+    g.add_argument("--hires", type=_factor, default=None, metavar="FACTOR",
+                   help="resolution enhancement: make the image, upscale it by FACTOR (e.g. 2x), refine it")  # fmt: skip
+    g.add_argument("--hires-strength", type=float, default=None, help="refinement strength for --hires (default 0.5)")
+    g.add_argument("--hires-upscale", choices=["latent", "pixel"], default=None, help="upscale latents or pixels (default latent)")
     g.add_argument("--clip-skip", type=int, default=None, help="condition on the N-th last text-encoder layer (default 0)")
     g.add_argument("--from-png", default=None, metavar="FILE", help="remake the image whose recipe FILE carries")
     g.add_argument("-o", "--output", default=".", help="FILE.png, or a folder (default: current folder)")
@@ -169,6 +180,9 @@ def _generate(args) -> int:
         "clip_skip": args.clip_skip,
         "image": args.image,
         "strength": args.strength,
+        "hires_scale": args.hires,
+        "hires_strength": args.hires_strength,
+        "hires_upscale": args.hires_upscale,
     }
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from PIL import Image
 
 from . import components, presets
 from .errors import InvalidInputError, MissingFileError
@@ -26,7 +27,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALL_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
     "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip", "image", "strength",
+    "hires_scale", "hires_strength", "hires_upscale",
 )  # fmt: skip
+HIRES_UPSCALERS = ("latent", "pixel")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 _NUMBERED = re.compile(r"^(\d{4,})-\d+\.png$")  # NNNN-SEED.png
 
@@ -235,6 +238,9 @@ class LatentDiffusion:
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         image: Union[ImageInput, Sequence[ImageInput], None] = None,
         strength: Optional[float] = None,
+        hires_scale: Optional[float] = None,
+        hires_strength: float = 0.5,
+        hires_upscale: str = "latent",
     ) -> GenerationResult:
         """Text to image.
 
@@ -255,6 +261,10 @@ class LatentDiffusion:
         the steps; ``height`` / ``width`` default to the image's size rounded down to a multiple
         of 8. The encoder's sample and the added noise are the 1st and 2nd draws of each image's
         own generator (as diffusers' img2img pipeline draws them).
+
+        Resolution enhancement: with ``hires_scale`` (> 1) the images made at ``height`` x ``width``
+        are upscaled by that factor (``hires_upscale`` "latent": bilinear in latent space; "pixel":
+        decoded, Lanczos-resized, re-encoded) and refined by image-to-image at ``hires_strength``.
         """
         # 1. check the request and expand it to one entry per image
         if (prompt is None) == (prompt_embeds is None):
@@ -293,6 +303,11 @@ class LatentDiffusion:
             f = self.vae_scale_factor
             height = first.height // f * f if height is None else height
             width = first.width // f * f if width is None else width
+        if hires_scale is not None:
+            hires_scale = check_float(hires_scale, "hires_scale", 1.0, 8.0, "2 doubles the width and height")
+            hires_strength = check_float(hires_strength, "hires_strength", 0.0, 1.0, "0.5 is usual")
+            if hires_upscale not in HIRES_UPSCALERS:
+                raise InvalidInputError(f"hires_upscale must be one of {', '.join(HIRES_UPSCALERS)}, got {hires_upscale!r}")
         height = check_size("height", self.default_size if height is None else height, self.vae_scale_factor)
         width = check_size("width", self.default_size if width is None else width, self.vae_scale_factor)
         guidance_scale = check_float(guidance_scale, "guidance_scale", 0.0, None, "use 1 for no guidance, 7.5 is usual")
@@ -324,31 +339,27 @@ class LatentDiffusion:
         #    cond / uncond (P, 77k, D); no unconditional pass without guidance
         groups = self._encode(prompts, negatives, guidance_scale > 1.0, clip_skip, prompt_embeds, negative_prompt_embeds)
 
-        # 3.-4. per group: each image's starting latent from its own generator, then denoise
+        # 3.-4. each image's start (noise, or its input image) from its own generator; denoise
         generators = make_generators(seeds)
-        f = self.vae_scale_factor
-        shape = (self.unet.config.in_channels, height // f, width // f)
-        finished: list[Optional[torch.Tensor]] = [None] * total
-        for indices, cond, uncond in groups:
-            images = [i * n + j for i in indices for j in range(n)]  # prompt-major image order
-            gens = [generators[m] for m in images]
-            sched = self._make_scheduler(scheduler)
-            sched.set_timesteps(steps, device=self.device)
-            if init_images is None:
-                latents = initial_latents(gens, shape, device=self.device, dtype=self.unet.dtype) * sched.init_noise_sigma
-                timesteps = sched.timesteps
+        run = dict(groups=groups, n=n, generators=generators, scheduler=scheduler, steps=steps,
+                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
+                   callback=callback, progress=progress)  # fmt: skip
+        if init_images is None:
+            latents = self._sample(**run, size=(height, width))
+        else:
+            picked = [init_images[i // n if len(init_images) > 1 else 0] for i in range(total)]
+            latents = self._sample(**run, size=(height, width), init=picked, strength=strength)
+
+        # 4b. resolution enhancement: upscale, then image-to-image at the larger size, with the
+        #     same generators (their streams simply go on)
+        if hires_scale is not None:
+            f = self.vae_scale_factor
+            big = (round(height * hires_scale / f) * f, round(width * hires_scale / f) * f)
+            if hires_upscale == "latent":
+                start = torch.nn.functional.interpolate(latents, size=(big[0] // f, big[1] // f), mode="bilinear")
             else:
-                picked = [init_images[i if len(init_images) > 1 else 0] for i in indices for _ in range(n)]
-                latents, timesteps = self._img2img_start(picked, height, width, gens, sched, steps, strength)
-            latents = denoise(
-                self.unet, sched, latents, cond.repeat_interleave(n, dim=0),
-                None if uncond is None else uncond.repeat_interleave(n, dim=0),
-                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                generators=gens, eta=eta, callback=callback, progress=progress, timesteps=timesteps,
-            )  # fmt: skip
-            for m, z in zip(images, latents):
-                finished[m] = z
-        latents = torch.stack(finished)  # (B, C, H/8, W/8)
+                start = [im.resize((big[1], big[0]), Image.LANCZOS) for im in self._decode(latents, "pil")]
+            latents = self._sample(**run, size=big, init=start, strength=hires_strength)
 
         # 5. decode
         images = latents if output_type == "latent" else self._decode(latents, output_type)
@@ -373,6 +384,8 @@ class LatentDiffusion:
         }
         if init_images is not None:
             base["strength"] = strength
+        if hires_scale is not None:
+            base.update(hires_scale=hires_scale, hires_strength=hires_strength, hires_upscale=hires_upscale)
         params = [
             {"prompt": prompts[i // n], "negative_prompt": negatives[i // n], "seed": seeds[i], **base}
             for i in range(total)
@@ -418,6 +431,35 @@ class LatentDiffusion:
             groups.append((idx, cond, uncond))
         return groups
 
+    def _sample(self, *, groups, n, generators, scheduler, steps, size, init=None, strength=1.0, **loop):
+        """Denoise every group; returns z_0 for all images (B, C, h, w), in image order.
+
+        ``init`` None starts from noise; a list of PIL images (one per image) or a latent batch
+        (B, C, h, w) starts image-to-image at ``strength``.
+        """
+        f = self.vae_scale_factor
+        shape = (self.unet.config.in_channels, size[0] // f, size[1] // f)
+        finished: list[Optional[torch.Tensor]] = [None] * len(generators)
+        for indices, cond, uncond in groups:
+            images = [i * n + j for i in indices for j in range(n)]  # prompt-major image order
+            gens = [generators[m] for m in images]
+            sched = self._make_scheduler(scheduler)
+            sched.set_timesteps(steps, device=self.device)
+            if init is None:
+                latents = initial_latents(gens, shape, device=self.device, dtype=self.unet.dtype) * sched.init_noise_sigma
+                timesteps = sched.timesteps
+            else:
+                start = init[images] if isinstance(init, torch.Tensor) else [init[m] for m in images]
+                latents, timesteps = self._img2img_start(start, size, gens, sched, steps, strength)
+            latents = denoise(
+                self.unet, sched, latents, cond.repeat_interleave(n, dim=0),
+                None if uncond is None else uncond.repeat_interleave(n, dim=0),
+                generators=gens, timesteps=timesteps, **loop,
+            )  # fmt: skip
+            for m, z in zip(images, latents):
+                finished[m] = z
+        return torch.stack(finished)
+
     def _init_images(self, image, num_prompts: int):
         """Image-to-image inputs as RGB PIL images, and their paths (None where not a file)."""
         if image is None:
@@ -428,20 +470,24 @@ class LatentDiffusion:
         names = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in sources]
         return [load_image(s) for s in sources], names
 
-    def _img2img_start(self, images, height: int, width: int, generators, sched, steps: int, strength: float):
+    def _img2img_start(self, images, size: tuple[int, int], generators, sched, steps: int, strength: float):
         """z_t of each input image and the timesteps left to run (SDEdit, Meng et al. 2022).
 
-        The image is encoded (posterior sample from the image's generator: draw 1), scaled, and
-        noised to the timestep at which the last ``strength`` part of the schedule begins (draw 2).
+        PIL images are encoded (posterior sample from the image's generator: its next draw) and
+        scaled; a latent batch is used as it is. Then each is noised, with the next draw of its
+        generator, to the timestep at which the last ``strength`` part of the schedule begins.
         """
         from diffusers.image_processor import VaeImageProcessor
 
-        pixels = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(images, height=height, width=width)
-        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist  # (B, C, h, w)
-        shape = tuple(posterior.mean.shape[1:])
-        eps = initial_latents(generators, shape, device=self.device, dtype=posterior.mean.dtype)
-        z0 = (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor
-        noise = initial_latents(generators, shape, device=self.device, dtype=self.unet.dtype)
+        if isinstance(images, torch.Tensor):
+            z0 = images
+        else:
+            processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+            pixels = processor.preprocess(images, height=size[0], width=size[1])
+            posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist  # (B, C, h, w)
+            eps = initial_latents(generators, tuple(posterior.mean.shape[1:]), device=self.device, dtype=posterior.mean.dtype)
+            z0 = (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor
+        noise = initial_latents(generators, tuple(z0.shape[1:]), device=self.device, dtype=self.unet.dtype)
         kept = min(int(steps * strength), steps)  # steps actually run
         if kept == 0:  # strength 0, or too small for one step: the encoded image itself
             return z0.to(self.unet.dtype), sched.timesteps[:0]
@@ -449,7 +495,7 @@ class LatentDiffusion:
         timesteps = sched.timesteps[start:]
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(start)
-        z = sched.add_noise(z0.to(self.unet.dtype), noise, timesteps[:1].repeat(len(images)))
+        z = sched.add_noise(z0.to(self.unet.dtype), noise, timesteps[:1].repeat(len(z0)))
         return z, timesteps
 
     def _make_scheduler(self, name: Optional[str]):

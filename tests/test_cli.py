@@ -209,3 +209,12 @@ def test_image_to_image_from_the_command_line(capsys, tmp_path):
     Image.new("RGB", (56, 40), "red").save(source)  # the input changes: the remake says so
     code, _, err = run(capsys, "generate", "--from-png", str(first), "-o", str(tmp_path / "x.png"), "--no-progress")
     assert code == 0 and "has changed since" in err
+
+
+def test_hires_flag(capsys, tmp_path):
+    out = tmp_path / "big.png"
+    assert run(capsys, "generate", "a city", "--preset", "tiny", "--hires", "2x", "--steps", "2", "--size", "32x32",
+               "-o", str(out), "--no-progress")[0] == 0  # fmt: skip
+    assert Image.open(out).size == (64, 64) and read_recipe(out)["hires_scale"] == 2.0
+    assert run(capsys, "generate", "x", "--preset", "tiny", "--hires", "big")[0] == 2
+    assert "--hires takes a factor such as 2x" in capsys.readouterr().err

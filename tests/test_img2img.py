@@ -106,3 +106,39 @@ def test_input_files_are_converted_or_refused(tiny, tmp_path):
         tiny("x", strength=0.5, **kw)
     with pytest.raises(InvalidInputError, match="got 2 images for 3 prompts"):
         tiny(["a", "b", "c"], image=[rgb, rgb], seed=[1, 2, 3], num_inference_steps=1)
+
+
+def test_hires_pixel_mode_is_txt2img_then_img2img_with_the_generator_going_on(tiny, tiny_dir, reference):
+    """Independent reference: diffusers' txt2img, a Lanczos resize, then diffusers' img2img whose
+    generator has already made the base image's one draw (Euler draws nothing else)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+    sched = EulerDiscreteScheduler.from_pretrained(tiny_dir, subfolder="scheduler")
+    reference.scheduler = sched
+    img2img = StableDiffusionImg2ImgPipeline(**{**reference.components, "scheduler": sched})
+    img2img.set_progress_bar_config(disable=True)
+    common = dict(negative_prompt=NEGATIVE, num_inference_steps=4)
+    gen = torch.Generator("cpu").manual_seed(21)
+    base = reference(PROMPT, height=48, width=64, generator=[gen], output_type="pil", **common).images[0]
+    theirs = img2img(PROMPT, image=base.resize((128, 96), Image.LANCZOS), strength=0.5, generator=[gen],
+                     output_type="np", **common).images  # fmt: skip
+    ours = tiny(PROMPT, height=48, width=64, seed=21, scheduler="euler", hires_scale=2.0, hires_upscale="pixel",
+                hires_strength=0.5, output_type="np", **common).images  # fmt: skip
+    assert ours.shape == theirs.shape == (1, 96, 128, 3)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_hires_latent_mode(tiny):
+    from latentdiff import call_kwargs
+
+    kwargs = dict(seed=[3, 4], num_inference_steps=3, scheduler="euler_a", output_type="np")
+    result = tiny(["a", "b"], hires_scale=1.5, **kwargs)
+    assert result.images.shape == (2, 96, 96, 3)
+    params = result.params[1]
+    assert (params["hires_scale"], params["hires_upscale"], params["height"]) == (1.5, "latent", 64)
+    again = tiny(**call_kwargs(params), output_type="np")
+    np.testing.assert_allclose(again.images[0], result.images[1], atol=1e-5)
+    for bad, message in ((dict(hires_scale=0.5), "hires_scale must be a finite number between 1.0 and 8.0"),
+                         (dict(hires_scale=2, hires_upscale="esrgan"), "hires_upscale must be one of latent, pixel")):
+        with pytest.raises(InvalidInputError, match=message):
+            tiny("x", num_inference_steps=1, **bad)
