@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rescale", type=float, default=None, help="guidance rescale, 0..1 (default 0)")
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     g.add_argument("--image", default=None, metavar="FILE", help="image-to-image: start from this picture")
+    g.add_argument("--mask", default=None, metavar="FILE", help="inpainting: white = repaint (needs --image)")
     g.add_argument("--strength", type=float, default=None, help="image-to-image: how much to change, 0..1 (default 0.6)")
     g.add_argument("--hires", type=_factor, default=None, metavar="FACTOR",
                    help="resolution enhancement: make the image, upscale it by FACTOR (e.g. 2x), refine it")  # fmt: skip
@@ -179,6 +180,7 @@ def _generate(args) -> int:
         "seed": args.seed,
         "clip_skip": args.clip_skip,
         "image": args.image,
+        "mask_image": args.mask,
         "strength": args.strength,
         "hires_scale": args.hires,
         "hires_strength": args.hires_strength,
@@ -253,11 +255,12 @@ def _warn_if_remake_differs(recipe: dict, pipe) -> None:
         reasons.append(f"it was made on {recipe['device']}, this runs on {pipe.device.type}")
     if (recipe.get("batch_size") or 1) > 1:
         reasons.append(f"it was made in a batch of {recipe['batch_size']} and is remade alone (pixels may differ by 1 level)")
-    if recipe.get("image") and Path(recipe["image"]).is_file():
-        from .images import image_hash, load_image
+    for key, hash_key in (("image", "image_hash"), ("mask_image", "mask_hash")):
+        if recipe.get(key) and Path(recipe[key]).is_file():
+            from .images import image_hash, load_image
 
-        if image_hash(load_image(recipe["image"])) != recipe.get("image_hash"):
-            reasons.append(f"the input image {recipe['image']} has changed since")
+            if image_hash(load_image(recipe[key])) != recipe.get(hash_key):
+                reasons.append(f"the input {recipe[key]} has changed since")
     if recipe.get("scheduler") is None and recipe.get("scheduler_class") not in (None, type(pipe.scheduler).__name__):
         reasons.append(f"it used {recipe['scheduler_class']}, the model's scheduler is {type(pipe.scheduler).__name__}")
     if reasons:

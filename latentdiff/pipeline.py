@@ -18,7 +18,7 @@ from .errors import InvalidInputError, MissingFileError
 from .metadata import save_png, weight_hash, weights_fingerprint
 from .images import ImageInput, image_hash, load_image
 from .prompts import count_chunks, encode_prompts
-from .sampling import StepCallback, denoise, initial_latents, make_generators, step_kwargs
+from .sampling import Inpaint, StepCallback, denoise, initial_latents, make_generators, step_kwargs
 from .schedulers import make_scheduler, scheduler_from_config
 from .validation import MAX_SEED, check_float, check_size, positive_int, whole_number
 
@@ -27,7 +27,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALL_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
     "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip", "image", "strength",
-    "hires_scale", "hires_strength", "hires_upscale",
+    "hires_scale", "hires_strength", "hires_upscale", "mask_image",
 )  # fmt: skip
 HIRES_UPSCALERS = ("latent", "pixel")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
@@ -238,6 +238,7 @@ class LatentDiffusion:
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         image: Union[ImageInput, Sequence[ImageInput], None] = None,
         strength: Optional[float] = None,
+        mask_image: Union[ImageInput, Sequence[ImageInput], None] = None,
         hires_scale: Optional[float] = None,
         hires_strength: float = 0.5,
         hires_upscale: str = "latent",
@@ -261,6 +262,12 @@ class LatentDiffusion:
         the steps; ``height`` / ``width`` default to the image's size rounded down to a multiple
         of 8. The encoder's sample and the added noise are the 1st and 2nd draws of each image's
         own generator (as diffusers' img2img pipeline draws them).
+
+        Inpainting: with ``mask_image`` too (white = repaint; one, or one per prompt; resized to
+        the image with a warning if its size differs), only the masked region is made anew
+        (``strength`` defaults to 1). A 9-channel inpainting U-Net is used as such; a standard one
+        by re-noising and blending the known region back at every step. Outside the mask the
+        output is the input image after a VAE round trip, pixel for pixel.
 
         Resolution enhancement: with ``hires_scale`` (> 1) the images made at ``height`` x ``width``
         are upscaled by that factor (``hires_upscale`` "latent": bilinear in latent space; "pixel":
@@ -294,6 +301,16 @@ class LatentDiffusion:
         n = positive_int(num_images_per_prompt, "num_images_per_prompt")
         steps = positive_int(num_inference_steps, "num_inference_steps")
         init_images, image_names = self._init_images(image, len(prompts))
+        masks, mask_names = self._init_images(mask_image, len(prompts), what="mask_image")
+        if masks is not None and init_images is None:
+            raise InvalidInputError("mask_image needs image= (the picture to inpaint)")
+        if masks is None and self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise InvalidInputError(
+                f"this U-Net takes {self.unet.config.in_channels} input channels (an inpainting model); "
+                "give image= and mask_image="
+            )
+        if masks is not None and strength is None:
+            strength = 1.0
         if init_images is None and strength is not None:
             raise InvalidInputError("strength applies to image-to-image only; give image= too, or drop strength")
         if init_images is not None:
@@ -348,7 +365,10 @@ class LatentDiffusion:
             latents = self._sample(**run, size=(height, width))
         else:
             picked = [init_images[i // n if len(init_images) > 1 else 0] for i in range(total)]
-            latents = self._sample(**run, size=(height, width), init=picked, strength=strength)
+            picked_masks = None if masks is None else [masks[i // n if len(masks) > 1 else 0] for i in range(total)]
+            if picked_masks is not None and any(m.size != im.size for m, im in zip(picked_masks, picked)):
+                warnings.warn("mask_image and image differ in size; the mask is resized to the image", stacklevel=3)
+            latents = self._sample(**run, size=(height, width), init=picked, strength=strength, masks=picked_masks)
 
         # 4b. resolution enhancement: upscale, then image-to-image at the larger size, with the
         #     same generators (their streams simply go on)
@@ -362,7 +382,10 @@ class LatentDiffusion:
             latents = self._sample(**run, size=big, init=start, strength=hires_strength)
 
         # 5. decode
-        images = latents if output_type == "latent" else self._decode(latents, output_type)
+        keep = None
+        if masks is not None and hires_scale is None and output_type != "latent":
+            keep = self._known_pixels(picked, picked_masks, (height, width))
+        images = latents if output_type == "latent" else self._decode(latents, output_type, keep)
         base = {
             "num_inference_steps": steps,
             "guidance_scale": guidance_scale,
@@ -394,6 +417,9 @@ class LatentDiffusion:
             for i, p in enumerate(params):
                 k = i // n if len(init_images) > 1 else 0
                 p["image"], p["image_hash"] = image_names[k], image_hash(init_images[k])
+                if masks is not None:
+                    k = i // n if len(masks) > 1 else 0
+                    p["mask_image"], p["mask_hash"] = mask_names[k], image_hash(masks[k])
         return GenerationResult(images=images, seeds=seeds, params=params)
 
     def _encode(self, prompts, negatives, guided: bool, clip_skip: int, prompt_embeds, negative_prompt_embeds):
@@ -431,42 +457,49 @@ class LatentDiffusion:
             groups.append((idx, cond, uncond))
         return groups
 
-    def _sample(self, *, groups, n, generators, scheduler, steps, size, init=None, strength=1.0, **loop):
+    def _sample(self, *, groups, n, generators, scheduler, steps, size, init=None, strength=1.0, masks=None, **loop):
         """Denoise every group; returns z_0 for all images (B, C, h, w), in image order.
 
         ``init`` None starts from noise; a list of PIL images (one per image) or a latent batch
-        (B, C, h, w) starts image-to-image at ``strength``.
+        (B, C, h, w) starts image-to-image at ``strength``; with ``masks`` too, it inpaints.
         """
         f = self.vae_scale_factor
-        shape = (self.unet.config.in_channels, size[0] // f, size[1] // f)
+        shape = (self.vae.config.latent_channels, size[0] // f, size[1] // f)
         finished: list[Optional[torch.Tensor]] = [None] * len(generators)
         for indices, cond, uncond in groups:
             images = [i * n + j for i in indices for j in range(n)]  # prompt-major image order
             gens = [generators[m] for m in images]
             sched = self._make_scheduler(scheduler)
             sched.set_timesteps(steps, device=self.device)
+            inpaint = None
             if init is None:
                 latents = initial_latents(gens, shape, device=self.device, dtype=self.unet.dtype) * sched.init_noise_sigma
                 timesteps = sched.timesteps
+            elif masks is not None:
+                start = [init[m] for m in images]
+                latents, timesteps, inpaint = self._inpaint_start(start, [masks[m] for m in images], size, gens, sched,
+                                                                  steps, strength)  # fmt: skip
             else:
                 start = init[images] if isinstance(init, torch.Tensor) else [init[m] for m in images]
                 latents, timesteps = self._img2img_start(start, size, gens, sched, steps, strength)
             latents = denoise(
                 self.unet, sched, latents, cond.repeat_interleave(n, dim=0),
                 None if uncond is None else uncond.repeat_interleave(n, dim=0),
-                generators=gens, timesteps=timesteps, **loop,
+                generators=gens, timesteps=timesteps, inpaint=inpaint, **loop,
             )  # fmt: skip
             for m, z in zip(images, latents):
                 finished[m] = z
         return torch.stack(finished)
 
-    def _init_images(self, image, num_prompts: int):
+    def _init_images(self, image, num_prompts: int, what: str = "image"):
         """Image-to-image inputs as RGB PIL images, and their paths (None where not a file)."""
         if image is None:
             return None, None
         sources = list(image) if isinstance(image, (list, tuple)) else [image]
         if len(sources) not in (1, num_prompts):
-            raise InvalidInputError(f"got {len(sources)} images for {num_prompts} prompts; give one image, or one per prompt")
+            raise InvalidInputError(
+                f"got {len(sources)} {what}s for {num_prompts} prompts; give one {what}, or one per prompt"
+            )
         names = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in sources]
         return [load_image(s) for s in sources], names
 
@@ -482,29 +515,74 @@ class LatentDiffusion:
         if isinstance(images, torch.Tensor):
             z0 = images
         else:
-            processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-            pixels = processor.preprocess(images, height=size[0], width=size[1])
-            posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist  # (B, C, h, w)
-            eps = initial_latents(generators, tuple(posterior.mean.shape[1:]), device=self.device, dtype=posterior.mean.dtype)
-            z0 = (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor
+            pixels = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(images, height=size[0], width=size[1])
+            z0 = self._encode_sample(pixels, generators)
         noise = initial_latents(generators, tuple(z0.shape[1:]), device=self.device, dtype=self.unet.dtype)
-        kept = min(int(steps * strength), steps)  # steps actually run
-        if kept == 0:  # strength 0, or too small for one step: the encoded image itself
-            return z0.to(self.unet.dtype), sched.timesteps[:0]
-        start = (steps - kept) * sched.order
-        timesteps = sched.timesteps[start:]
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start)
+        timesteps = _strength_timesteps(sched, steps, strength)
+        if len(timesteps) == 0:  # strength 0, or too small for one step: the encoded image itself
+            return z0.to(self.unet.dtype), timesteps
         z = sched.add_noise(z0.to(self.unet.dtype), noise, timesteps[:1].repeat(len(z0)))
         return z, timesteps
+
+    def _encode_sample(self, pixels: torch.Tensor, generators) -> torch.Tensor:
+        """Scaled latents of (B, 3, H, W) pixels in [-1, 1]: a posterior sample, eps from each
+        image's generator (its next draw), as diffusers' pipelines encode with generators."""
+        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist  # (B, C, h, w)
+        eps = initial_latents(generators, tuple(posterior.mean.shape[1:]), device=self.device, dtype=posterior.mean.dtype)
+        return ((posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor).to(self.unet.dtype)
+
+    def _inpaint_start(self, images, masks, size, generators, sched, steps: int, strength: float):
+        """Start latents, timesteps and loop state for inpainting.
+
+        The generator draws follow diffusers' inpainting pipeline, so its 9-channel results can be
+        compared: [input image's latent sample], noise, masked image's latent sample (drawn, and
+        for a 4-channel U-Net not needed, so that the later draws line up all the same).
+        """
+        from diffusers.image_processor import VaeImageProcessor
+
+        f = self.vae_scale_factor
+        pixels = VaeImageProcessor(vae_scale_factor=f).preprocess(images, height=size[0], width=size[1])
+        mask_px = _mask_processor(f).preprocess(masks, height=size[0], width=size[1])  # (B, 1, H, W) in {0, 1}
+        nine = self.unet.config.in_channels != self.vae.config.latent_channels
+        timesteps = _strength_timesteps(sched, steps, strength)
+        full = strength == 1.0  # start from pure noise
+        image_latents = None if (nine and full) else self._encode_sample(pixels, generators)
+        shape = (self.vae.config.latent_channels, size[0] // f, size[1] // f)
+        noise = initial_latents(generators, shape, device=self.device, dtype=self.unet.dtype)
+        masked = pixels * (mask_px < 0.5)
+        masked_latents = self._encode_sample(masked, generators) if nine else None
+        if not nine:
+            initial_latents(generators, shape)  # the draw diffusers spends on the masked image
+        if full:
+            latents = noise * sched.init_noise_sigma
+        elif len(timesteps) == 0:
+            latents = image_latents
+        else:
+            latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(len(images)))
+        mask = torch.nn.functional.interpolate(mask_px, size=shape[1:]).to(self.device, self.unet.dtype)  # nearest
+        return latents, timesteps, Inpaint(mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise)
+
+    def _known_pixels(self, images, masks, size):
+        """(mask (B, 1, H, W), the inputs after a VAE round trip (B, 3, H, W) in [-1, 1]): what the
+        unmasked region of an inpainted image is set to. The round trip uses the posterior mean."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        f = self.vae_scale_factor
+        pixels = VaeImageProcessor(vae_scale_factor=f).preprocess(images, height=size[0], width=size[1])
+        mask_px = _mask_processor(f).preprocess(masks, height=size[0], width=size[1])
+        mean = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
+        return mask_px.to(self.device), self.vae.decode(mean, return_dict=False)[0]
 
     def _make_scheduler(self, name: Optional[str]):
         if name is None:
             return _fresh(self.scheduler)  # the model's own, or whatever the user set pipe.scheduler to
         return make_scheduler(name, self.scheduler_config)
 
-    def _decode(self, latents: torch.Tensor, output_type: str):
-        """z_0 (B, C, h, w) -> images: (x / scaling_factor) through the VAE decoder, then [-1, 1] -> [0, 1]."""
+    def _decode(self, latents: torch.Tensor, output_type: str, keep=None):
+        """z_0 (B, C, h, w) -> images: (x / scaling_factor) through the VAE decoder, then [-1, 1] -> [0, 1].
+
+        ``keep`` = (mask, pixels): outside the mask the decoded image is replaced by ``pixels``.
+        """
         from diffusers.image_processor import VaeImageProcessor
 
         config = self.vae.config
@@ -512,6 +590,9 @@ class LatentDiffusion:
         if getattr(config, "shift_factor", None):
             z = z + config.shift_factor
         decoded = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+        if keep is not None:
+            mask, known = keep
+            decoded = mask * decoded + (1 - mask) * known
         return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(decoded, output_type=output_type)
 
 
@@ -523,6 +604,26 @@ def _check_embeds(embeds, name: str, text_encoder) -> torch.Tensor:
             f"{name} has dimension {embeds.shape[-1]}, this model's text encoder {text_encoder.config.hidden_size}"
         )
     return embeds
+
+
+def _strength_timesteps(sched, steps: int, strength: float) -> torch.Tensor:
+    """The last ``strength`` part of the schedule (SDEdit); marks where the scheduler begins."""
+    kept = min(int(steps * strength), steps)  # steps actually run
+    if kept == 0:
+        return sched.timesteps[:0]
+    start = (steps - kept) * sched.order
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    return sched.timesteps[start:]
+
+
+def _mask_processor(vae_scale_factor: int):
+    """diffusers' mask preprocessing: greyscale, resized, in [0, 1], binarized at 0.5."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(
+        vae_scale_factor=vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+    )
 
 
 def _fresh(scheduler):

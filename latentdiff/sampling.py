@@ -7,12 +7,28 @@ fresh instance whose ``set_timesteps`` has been called (see ``schedulers.make_sc
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class Inpaint:
+    """What the loop needs to inpaint. ``mask`` is (B, 1, h, w), 1 where the image is repainted.
+
+    A 9-channel inpainting U-Net reads the mask and the masked image's latents as extra input
+    channels; a standard 4-channel U-Net is steered instead by putting the known region back,
+    noised to the next step's level, after every step (as diffusers' inpainting pipeline does).
+    """
+
+    mask: torch.Tensor
+    masked_latents: Optional[torch.Tensor]  # (B, C, h, w): 9-channel U-Net input, else None
+    image_latents: Optional[torch.Tensor]  # (B, C, h, w): z_0 of the input, for 4-channel blending
+    noise: torch.Tensor  # (B, C, h, w): the noise the start was made with
 
 
 def make_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -71,6 +87,7 @@ def denoise(
     callback: Optional[StepCallback] = None,
     progress: bool = False,
     timesteps: Optional[torch.Tensor] = None,
+    inpaint: Optional[Inpaint] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps over ``latents`` (B, C, h, w) and return z_0.
 
@@ -80,11 +97,17 @@ def denoise(
     ``timesteps`` defaults to all of the scheduler's (image-to-image runs only the last ones).
     """
     embeds = cond if uncond is None else torch.cat([uncond, cond])  # (B or 2B, L, D)
+    channels = None  # 9-channel inpainting input: mask and masked-image latents, for each pass
+    if inpaint is not None and inpaint.masked_latents is not None:
+        channels = torch.cat([inpaint.mask, inpaint.masked_latents], dim=1)  # (B, 5, h, w)
+        channels = channels if uncond is None else torch.cat([channels, channels])
     extra = step_kwargs(scheduler, generators, eta)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     for i, t in enumerate(tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False)):
         model_in = latents if uncond is None else torch.cat([latents, latents])
         model_in = scheduler.scale_model_input(model_in, t)
+        if channels is not None:
+            model_in = torch.cat([model_in, channels], dim=1)
         eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
         if uncond is not None:
             eps_u, eps_c = eps.chunk(2)
@@ -92,6 +115,11 @@ def denoise(
             if guidance_rescale > 0:
                 eps = rescale_guidance(eps, eps_c, guidance_rescale)
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        if inpaint is not None and inpaint.masked_latents is None:  # 4-channel: known region back
+            known = inpaint.image_latents
+            if i < len(timesteps) - 1:
+                known = scheduler.add_noise(known, inpaint.noise, timesteps[i + 1 : i + 2])
+            latents = (1 - inpaint.mask) * known + inpaint.mask * latents
         if callback is not None:
             callback(i, int(t), latents)
     return latents

@@ -218,3 +218,16 @@ def test_hires_flag(capsys, tmp_path):
     assert Image.open(out).size == (64, 64) and read_recipe(out)["hires_scale"] == 2.0
     code, _, err = run(capsys, "generate", "x", "--preset", "tiny", "--hires", "big")
     assert code == 2 and "--hires takes a factor such as 2x" in err
+
+
+def test_inpainting_from_the_command_line(capsys, tmp_path):
+    source, hole, out, again = (tmp_path / n for n in ("in.png", "mask.png", "out.png", "again.png"))
+    Image.fromarray((np.indices((48, 64)).sum(0) % 256).astype(np.uint8)).convert("RGB").save(source)
+    m = np.zeros((48, 64), np.uint8)
+    m[10:30, 20:40] = 255
+    Image.fromarray(m).save(hole)
+    assert run(capsys, "generate", "a hole", "--preset", "tiny", "--image", str(source), "--mask", str(hole),
+               "--steps", "3", "-o", str(out), "--no-progress")[0] == 0  # fmt: skip
+    assert read_recipe(out)["mask_image"] == str(hole.resolve())
+    assert run(capsys, "generate", "--from-png", str(out), "-o", str(again), "--no-progress")[0] == 0
+    assert out.read_bytes() == again.read_bytes()
