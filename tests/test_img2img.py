@@ -93,6 +93,12 @@ def test_input_files_are_converted_or_refused(tiny, tmp_path):
     grey = tmp_path / "grey.png"
     rgb.convert("L").save(grey)
     assert torch.equal(tiny("x", image=sixteen, **kw).images, tiny("x", image=grey, **kw).images)
+    truncated = tmp_path / "truncated.png"
+    full = tmp_path / "full.png"
+    rgb.save(full)
+    truncated.write_bytes(full.read_bytes()[:200])  # a download cut short
+    with pytest.raises(InvalidInputError, match="cannot read .*truncated.png as an image"):
+        tiny("x", image=truncated, **kw)
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     with pytest.raises(InvalidInputError, match="cannot read .*notes.txt as an image"):
