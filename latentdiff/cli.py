@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resolution enhancement: make the image, upscale it by FACTOR (e.g. 2x), refine it")  # fmt: skip
     g.add_argument("--hires-strength", type=float, default=None, help="refinement strength for --hires (default 0.5)")
     g.add_argument("--hires-upscale", choices=["latent", "pixel"], default=None, help="upscale latents or pixels (default latent)")
-    g.add_argument("--clip-skip", type=int, default=None, help="condition on the N-th last text-encoder layer (default 0)")
+    g.add_argument("--clip-skip", type=int, default=None, help="skip the last N text-encoder layers (default 0; the web UIs' 'clip skip 2' is 1 here)")
     g.add_argument("--from-png", default=None, metavar="FILE", help="remake the image whose recipe FILE carries")
     g.add_argument("-o", "--output", default=".", help="FILE.png, or a folder (default: current folder)")
     _add_run_arguments(g, PRESETS, SAMPLERS)
@@ -110,7 +110,14 @@ def _add_run_arguments(p: argparse.ArgumentParser, presets, samplers) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"latentdiff: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+
+    warnings.showwarning = _one_line_warning  # the command line gets one line per warning, no source
     try:
         args = build_parser().parse_args(argv)
         commands = {"generate": _generate, "batch": _batch, "info": _info, "schedules": _schedules}

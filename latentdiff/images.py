@@ -14,13 +14,14 @@ from .errors import InvalidInputError, MissingFileError
 ImageInput = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
 
 
-def load_image(source: ImageInput):
-    """``source`` (a path or a PIL image) as an 8-bit RGB PIL image.
+def load_image(source: ImageInput, *, mask: bool = False):
+    """``source`` (a path or a PIL image) as an 8-bit RGB PIL image, upright (EXIF orientation).
 
     16-bit greyscale is scaled to 8 bits, palette and greyscale images are expanded, and an alpha
-    channel is dropped (composited on white) with a warning, so every input behaves the same.
+    channel is composited away with a warning: on white for pictures, on black for masks (so that
+    strokes painted on a transparent layer are what gets repainted).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -30,19 +31,28 @@ def load_image(source: ImageInput):
             with Image.open(path) as im:
                 im.load()
                 image = im.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise InvalidInputError(f"cannot read {path} as an image ({type(e).__name__}); give a PNG, JPEG or WebP file") from None
     elif isinstance(source, Image.Image):
         image = source
     else:
         raise InvalidInputError(f"image must be a file path or a PIL image, got {type(source).__name__}")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: keep the top 8 bits
-        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+    image = ImageOps.exif_transpose(image)
+    if image.width < 8 or image.height < 8:
+        raise InvalidInputError(f"the {'mask' if mask else 'image'} is {image.width}x{image.height}; it must be at least 8x8")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16- or 32-bit greyscale: scale to 8 bits
+        values = np.asarray(image, dtype=np.int64)
+        top = 65535 if image.mode.startswith("I;16") or values.max() > 255 else 255
+        image = Image.fromarray((values.clip(0, top) * 255 // top).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        warnings.warn("the input image has transparency; it is composited on white", stacklevel=3)
+        background = (0, 0, 0, 255) if mask else (255, 255, 255, 255)
+        warnings.warn(
+            f"the {'mask' if mask else 'input image'} has transparency; it is composited on "
+            f"{'black (transparent = keep)' if mask else 'white'}",
+            stacklevel=3,
+        )
         rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
     return image.convert("RGB")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -30,6 +31,8 @@ CALL_KEYS = (
     "hires_scale", "hires_strength", "hires_upscale", "mask_image",
 )  # fmt: skip
 HIRES_UPSCALERS = ("latent", "pixel")
+# Multistep schedulers whose history or warm-up cannot begin mid-schedule (image-to-image).
+_NO_MIDWAY_START = ("PNDMScheduler", "LMSDiscreteScheduler")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 _NUMBERED = re.compile(r"^(\d{4,})-\d+\.png$")  # NNNN-SEED.png
 
@@ -91,6 +94,11 @@ def prepare_output(target: Union[str, Path]) -> Path:
 
 def call_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     """The pipeline arguments that remake the image described by ``params`` (an image's recipe)."""
+    if params.get("prompt") is None:
+        raise InvalidInputError("this image was made from prompt_embeds; its recipe cannot remake it")
+    for key in ("image", "mask_image"):
+        if params.get(f"{key.split('_')[0]}_hash") and not params.get(key):
+            raise InvalidInputError(f"this image's {key} was given as an image object, not a file; its recipe cannot remake it")
     return {k: params[k] for k in CALL_KEYS if k in params}
 
 
@@ -240,8 +248,8 @@ class LatentDiffusion:
         strength: Optional[float] = None,
         mask_image: Union[ImageInput, Sequence[ImageInput], None] = None,
         hires_scale: Optional[float] = None,
-        hires_strength: float = 0.5,
-        hires_upscale: str = "latent",
+        hires_strength: Optional[float] = None,
+        hires_upscale: Optional[str] = None,
     ) -> GenerationResult:
         """Text to image.
 
@@ -302,6 +310,8 @@ class LatentDiffusion:
         steps = positive_int(num_inference_steps, "num_inference_steps")
         init_images, image_names = self._init_images(image, len(prompts))
         masks, mask_names = self._init_images(mask_image, len(prompts), what="mask_image")
+        if masks is not None and any(np.asarray(m.convert("L")).max() < 128 for m in masks):
+            warnings.warn("a mask_image has no white at all, so nothing is repainted", stacklevel=2)
         if masks is not None and init_images is None:
             raise InvalidInputError("mask_image needs image= (the picture to inpaint)")
         if masks is None and self.unet.config.in_channels != self.vae.config.latent_channels:
@@ -320,9 +330,15 @@ class LatentDiffusion:
             f = self.vae_scale_factor
             height = first.height // f * f if height is None else height
             width = first.width // f * f if width is None else width
+        if hires_scale is None and (hires_strength is not None or hires_upscale is not None):
+            raise InvalidInputError("hires_strength and hires_upscale need hires_scale (the upscale factor)")
         if hires_scale is not None:
+            if masks is not None:
+                raise InvalidInputError("hires does not combine with inpainting yet; inpaint first, then upscale the result")
             hires_scale = check_float(hires_scale, "hires_scale", 1.0, 8.0, "2 doubles the width and height")
-            hires_strength = check_float(hires_strength, "hires_strength", 0.0, 1.0, "0.5 is usual")
+            hires_strength = check_float(0.5 if hires_strength is None else hires_strength, "hires_strength", 0.0, 1.0,
+                                         "0.5 is usual")  # fmt: skip
+            hires_upscale = "latent" if hires_upscale is None else hires_upscale
             if hires_upscale not in HIRES_UPSCALERS:
                 raise InvalidInputError(f"hires_upscale must be one of {', '.join(HIRES_UPSCALERS)}, got {hires_upscale!r}")
         height = check_size("height", self.default_size if height is None else height, self.vae_scale_factor)
@@ -343,6 +359,13 @@ class LatentDiffusion:
         sched_name = scheduler or type(sched).__name__
         if eta > 0 and "eta" not in step_kwargs(sched, [], eta):
             warnings.warn(f"eta={eta} has no effect with scheduler {sched_name}; use 'ddim'", stacklevel=3)
+        if (init_images is not None or hires_scale is not None) and type(sched).__name__ in _NO_MIDWAY_START:
+            warnings.warn(
+                f"{type(sched).__name__} cannot start part-way through its schedule accurately (diffusers' "
+                "pipelines have the same flaw), so image-to-image keeps some noise; ddim, euler, heun, "
+                "dpmpp_2m or unipc start exactly",
+                stacklevel=3,
+            )
         if guidance_scale <= 1.0 and (any(negatives) or negative_prompt_embeds is not None):
             warnings.warn("negative_prompt has no effect when guidance_scale <= 1 (no unconditional pass)", stacklevel=3)
         try:
@@ -501,7 +524,10 @@ class LatentDiffusion:
                 f"got {len(sources)} {what}s for {num_prompts} prompts; give one {what}, or one per prompt"
             )
         names = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in sources]
-        return [load_image(s) for s in sources], names
+        loaded = [load_image(s, mask=what == "mask_image") for s in sources]
+        if len({im.size for im in loaded}) > 1:
+            warnings.warn(f"the {what}s differ in size; all are resized to the output size", stacklevel=3)
+        return loaded, names
 
     def _img2img_start(self, images, size: tuple[int, int], generators, sched, steps: int, strength: float):
         """z_t of each input image and the timesteps left to run (SDEdit, Meng et al. 2022).

@@ -21,6 +21,7 @@ training validation later). What it does, in the order it does it:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional
 
@@ -29,7 +30,7 @@ import torch
 from .errors import InvalidInputError
 
 ROUND, SQUARE = 1.1, 1 / 1.1
-BREAK = "BREAK"
+MAX_WEIGHT = 100.0  # |weight| above this is clamped: (x:1e309) or 8000 nested brackets must not give inf
 _WEIGHT = re.compile(r":\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*")
 
 
@@ -75,6 +76,8 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
                 if m is None:
                     continue  # (x:abc): read literally, brackets and all
                 factor = float(m.group(1))
+                if not math.isfinite(factor):
+                    continue  # (x:1e999): not a usable number, read literally
                 for k in range(colon, close_pos):
                     hidden[k] = True
         hidden[open_pos] = hidden[close_pos] = True
@@ -85,6 +88,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     for (ch, _), weight, gone in zip(chars, multiplier, hidden):
         if gone:
             continue
+        weight = max(-MAX_WEIGHT, min(MAX_WEIGHT, weight))
         if runs and runs[-1][1] == weight:
             runs[-1] = (runs[-1][0] + ch, weight)
         else:
@@ -121,6 +125,8 @@ def tokenize_prompt(tokenizer, text: str) -> list[list[tuple[int, float]]]:
                 if len(chunks[-1]) == CHUNK:
                     chunks.append([])
                 chunks[-1].append((token, weight))
+    if len(chunks) > 1 and not chunks[-1]:  # a trailing BREAK opens nothing
+        chunks.pop()
     return chunks
 
 
@@ -149,7 +155,10 @@ def encode_prompts(
     tokenized = [tokenize_prompt(tokenizer, p) for p in prompts]
     width = max(len(t) for t in tokenized) if num_chunks is None else num_chunks
     if any(len(t) > width for t in tokenized):
-        raise ValueError(f"num_chunks={num_chunks} is fewer than a prompt needs")  # a caller's bug
+        raise InvalidInputError(
+            f"a prompt needs {max(len(t) for t in tokenized)} chunks of 75 tokens but only {width} fit "
+            "(prompt_embeds fixes the length): shorten it, or pass negative_prompt_embeds"
+        )
 
     # One text-encoder call for every chunk of every prompt, plus one empty chunk if any pads.
     needs_padding = any(len(t) < width for t in tokenized)
@@ -169,12 +178,22 @@ def encode_prompts(
         start += len(t)
         weights = torch.tensor([_wrap_weights(chunk) for chunk in t], dtype=own.dtype, device=own.device)
         if bool((weights != 1).any()):
-            mean = own.mean()
-            own = own * weights[..., None]
-            own = own * (mean / own.mean())
+            own = _weighted(own, weights)
         padding = [empty] * (width - len(t))
         out.append(torch.cat([*own, *padding]))  # (77 * width, D)
     return torch.stack(out)
+
+
+def _weighted(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scale token embeddings (k, 77, D) by their weights (k, 77), then restore the mean of the
+    whole prompt's embedding. Where that mean is ~0 (a layer norm without bias) the ratio means
+    nothing and would blow up, so the scaled embedding is returned as it is."""
+    z32 = z.float()
+    scaled = z32 * weights.float()[..., None]
+    before, after = z32.mean(), scaled.mean()
+    if abs(float(after)) > 1e-6 * float(z32.abs().mean()) and bool(torch.isfinite(before / after)):
+        scaled = scaled * (before / after)
+    return scaled.to(z.dtype)
 
 
 def _wrap(tokenizer, tokens: list[int]) -> list[int]:

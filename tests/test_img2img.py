@@ -148,3 +148,25 @@ def test_hires_latent_mode(tiny):
                          (dict(hires_scale=2, hires_upscale="esrgan"), "hires_upscale must be one of latent, pixel")):
         with pytest.raises(InvalidInputError, match=message):
             tiny("x", num_inference_steps=1, **bad)
+
+
+def test_recipes_that_cannot_remake_say_so(tiny):
+    from latentdiff import call_kwargs
+    from latentdiff.prompts import encode_prompts
+
+    from_pil = tiny("x", image=picture(), seed=1, num_inference_steps=1, output_type="latent").params[0]
+    with pytest.raises(InvalidInputError, match="image was given as an image object"):
+        call_kwargs(from_pil)
+    embeds = encode_prompts(tiny.tokenizer, tiny.text_encoder, ["x"])
+    from_embeds = tiny(prompt_embeds=embeds, seed=1, num_inference_steps=1, output_type="latent").params[0]
+    with pytest.raises(InvalidInputError, match="made from prompt_embeds"):
+        call_kwargs(from_embeds)
+    with pytest.raises(InvalidInputError, match="shorten it, or pass negative_prompt_embeds"):
+        tiny(prompt_embeds=embeds, negative_prompt="word " * 100, num_inference_steps=1)
+    with pytest.raises(InvalidInputError, match="need hires_scale"):
+        tiny("x", hires_strength=0.3, num_inference_steps=1)
+
+
+def test_pndm_image_to_image_warns(tiny):
+    with pytest.warns(UserWarning, match="cannot start part-way"):
+        tiny("x", image=picture(), strength=0.5, seed=1, num_inference_steps=2, output_type="latent")

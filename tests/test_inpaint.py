@@ -106,3 +106,19 @@ def test_inpainting_inputs(tiny, inpainter):
         inpainter[0]("x", num_inference_steps=1)
     result = tiny("x", image=picture(), mask_image=mask(), seed=1, num_inference_steps=1, output_type="latent")
     assert result.params[0]["strength"] == 1.0 and len(result.params[0]["mask_hash"]) == 16
+
+
+def test_masks_with_transparency_and_empty_masks(tiny):
+    strokes = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+    strokes.paste((255, 255, 255, 255), (16, 8, 48, 32))  # white strokes on a transparent layer
+    with pytest.warns(UserWarning, match="composited on black"):
+        with_alpha = tiny("x", image=picture(), mask_image=strokes, seed=2, num_inference_steps=2, output_type="np")
+    plain = tiny("x", image=picture(), mask_image=mask(), seed=2, num_inference_steps=2, output_type="np")
+    np.testing.assert_array_equal(with_alpha.images, plain.images)  # the strokes are the mask
+    with pytest.warns(UserWarning, match="no white at all"):
+        tiny("x", image=picture(), mask_image=Image.new("L", (64, 48)), seed=2, num_inference_steps=1, output_type="latent")
+
+
+def test_hires_and_inpainting_do_not_combine_yet(tiny):
+    with pytest.raises(InvalidInputError, match="hires does not combine with inpainting"):
+        tiny("x", image=picture(), mask_image=mask(), hires_scale=2, num_inference_steps=1)

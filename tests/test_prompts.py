@@ -70,17 +70,49 @@ def test_break_starts_a_new_chunk(tiny):
     assert count_chunks(tiny.tokenizer, "breaking news") == 1  # only the word BREAK, in capitals
 
 
-def test_weighting_scales_tokens_then_restores_the_mean(tiny):
+@pytest.fixture(scope="module")
+def biased(tiny):
+    """The tiny text encoder with a non-zero final layer-norm bias, as real CLIP has: its
+    embeddings have a clearly non-zero mean, so mean restoration is visible."""
+    import copy
+    from types import SimpleNamespace
+
+    encoder = copy.deepcopy(tiny.text_encoder)
+    with torch.no_grad():
+        encoder.final_layer_norm.bias.copy_(torch.linspace(-0.2, 0.6, encoder.config.hidden_size))
+    return SimpleNamespace(tokenizer=tiny.tokenizer, text_encoder=encoder)
+
+
+def test_weighting_scales_tokens_then_restores_the_mean(biased):
     text, plain = "a (red:1.5) apple", "a red apple"
-    ids = tiny.tokenizer(plain, add_special_tokens=False).input_ids
-    z = clip_encode(tiny, wrapped(tiny, ids))  # (77, 32)
+    ids = biased.tokenizer(plain, add_special_tokens=False).input_ids
+    z = clip_encode(biased, wrapped(biased, ids))  # (77, 32)
+    assert abs(z.mean()) > 0.05
     w = torch.ones(77)
     w[2] = 1.5  # BOS, "a", "red" -> position 2
     expected = z * w[:, None]
     expected = expected * (z.mean() / expected.mean())
-    out = encode_prompts(tiny.tokenizer, tiny.text_encoder, [text])[0]
+    out = encode_prompts(biased.tokenizer, biased.text_encoder, [text])[0]
     assert torch.allclose(out, expected, atol=1e-6)
     assert torch.allclose(out.mean(), z.mean(), atol=1e-6)
+    assert not torch.allclose(out, z, atol=1e-3)  # the weight did something
+
+
+def test_weighting_with_a_zero_mean_embedding_stays_finite(tiny):
+    """The tiny encoder's layer norm has no bias: the mean is ~0 and cannot be restored."""
+    plain = encode_prompts(tiny.tokenizer, tiny.text_encoder, ["a red apple"])[0]
+    assert abs(float(plain.mean())) < 1e-6
+    for text in ("a (red) apple", "a [red] apple", "a (red:1.5) apple"):
+        out = encode_prompts(tiny.tokenizer, tiny.text_encoder, [text])[0]
+        assert bool(torch.isfinite(out).all()) and float(out.abs().mean()) > 0.1
+    image = tiny("a [red] apple", seed=1, num_inference_steps=2, output_type="np").images
+    assert np.isfinite(image).all()
+
+
+def test_extreme_weights_and_trailing_break(tiny):
+    assert parse_weights("(x:1e999)") == [("(x:1e999)", 1.0)]
+    assert parse_weights("(" * 9000 + "x" + ")" * 9000)[0][1] == 100.0  # clamped, not inf
+    assert count_chunks(tiny.tokenizer, "a cat BREAK") == 1
 
 
 def test_negative_prompt_is_padded_to_the_prompts_length(tiny):
