@@ -359,7 +359,8 @@ class LatentDiffusion:
         sched_name = scheduler or type(sched).__name__
         if eta > 0 and "eta" not in step_kwargs(sched, [], eta):
             warnings.warn(f"eta={eta} has no effect with scheduler {sched_name}; use 'ddim'", stacklevel=3)
-        if (init_images is not None or hires_scale is not None) and type(sched).__name__ in _NO_MIDWAY_START:
+        midway = (init_images is not None and strength < 1.0) or hires_scale is not None  # not from pure noise
+        if midway and type(sched).__name__ in _NO_MIDWAY_START:
             warnings.warn(
                 f"{type(sched).__name__} cannot start part-way through its schedule accurately (diffusers' "
                 "pipelines have the same flaw), so image-to-image keeps some noise; ddim, euler, heun, "
