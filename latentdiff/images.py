@@ -61,3 +61,19 @@ def image_hash(image) -> str:
     h = hashlib.sha256(f"{image.size}".encode())
     h.update(np.asarray(image.convert("RGB")).tobytes())
     return h.hexdigest()[:16]
+
+
+def load_inputs(image, num_prompts: int, what: str = "image"):
+    """Image-to-image inputs as RGB PIL images, and their paths (None where not a file)."""
+    if image is None:
+        return None, None
+    sources = list(image) if isinstance(image, (list, tuple)) else [image]
+    if len(sources) not in (1, num_prompts):
+        raise InvalidInputError(
+            f"got {len(sources)} {what}s for {num_prompts} prompts; give one {what}, or one per prompt"
+        )
+    names = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in sources]
+    loaded = [load_image(s, mask=what == "mask_image") for s in sources]
+    if len({im.size for im in loaded}) > 1:
+        warnings.warn(f"the {what}s differ in size; all are resized to the output size", stacklevel=3)
+    return loaded, names

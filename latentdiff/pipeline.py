@@ -17,9 +17,10 @@ from PIL import Image
 from . import components, presets
 from .errors import InvalidInputError, MissingFileError
 from .metadata import save_png, weight_hash, weights_fingerprint
-from .images import ImageInput, image_hash, load_image
+from .images import ImageInput, image_hash, load_inputs
+from .modes import img2img_start, inpaint_start, known_pixels, pixel_processor
 from .prompts import count_chunks, encode_prompts
-from .sampling import Inpaint, StepCallback, denoise, initial_latents, make_generators, step_kwargs
+from .sampling import StepCallback, denoise, initial_latents, make_generators, step_kwargs
 from .schedulers import make_scheduler, scheduler_from_config
 from .validation import MAX_SEED, check_float, check_size, positive_int, whole_number
 
@@ -308,8 +309,8 @@ class LatentDiffusion:
             )
         n = positive_int(num_images_per_prompt, "num_images_per_prompt")
         steps = positive_int(num_inference_steps, "num_inference_steps")
-        init_images, image_names = self._init_images(image, len(prompts))
-        masks, mask_names = self._init_images(mask_image, len(prompts), what="mask_image")
+        init_images, image_names = load_inputs(image, len(prompts))
+        masks, mask_names = load_inputs(mask_image, len(prompts), what="mask_image")
         if masks is not None and any(np.asarray(m.convert("L")).max() < 128 for m in masks):
             warnings.warn("a mask_image has no white at all, so nothing is repainted", stacklevel=2)
         if masks is not None and init_images is None:
@@ -408,7 +409,7 @@ class LatentDiffusion:
         # 5. decode
         keep = None
         if masks is not None and hires_scale is None and output_type != "latent":
-            keep = self._known_pixels(picked, picked_masks, (height, width))
+            keep = known_pixels(self, picked, picked_masks, (height, width))
         images = latents if output_type == "latent" else self._decode(latents, output_type, keep)
         base = {
             "num_inference_steps": steps,
@@ -501,11 +502,11 @@ class LatentDiffusion:
                 timesteps = sched.timesteps
             elif masks is not None:
                 start = [init[m] for m in images]
-                latents, timesteps, inpaint = self._inpaint_start(start, [masks[m] for m in images], size, gens, sched,
+                latents, timesteps, inpaint = inpaint_start(self, start, [masks[m] for m in images], size, gens, sched,
                                                                   steps, strength)  # fmt: skip
             else:
                 start = init[images] if isinstance(init, torch.Tensor) else [init[m] for m in images]
-                latents, timesteps = self._img2img_start(start, size, gens, sched, steps, strength)
+                latents, timesteps = img2img_start(self, start, size, gens, sched, steps, strength)
             latents = denoise(
                 self.unet, sched, latents, cond.repeat_interleave(n, dim=0),
                 None if uncond is None else uncond.repeat_interleave(n, dim=0),
@@ -514,91 +515,6 @@ class LatentDiffusion:
             for m, z in zip(images, latents):
                 finished[m] = z
         return torch.stack(finished)
-
-    def _init_images(self, image, num_prompts: int, what: str = "image"):
-        """Image-to-image inputs as RGB PIL images, and their paths (None where not a file)."""
-        if image is None:
-            return None, None
-        sources = list(image) if isinstance(image, (list, tuple)) else [image]
-        if len(sources) not in (1, num_prompts):
-            raise InvalidInputError(
-                f"got {len(sources)} {what}s for {num_prompts} prompts; give one {what}, or one per prompt"
-            )
-        names = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in sources]
-        loaded = [load_image(s, mask=what == "mask_image") for s in sources]
-        if len({im.size for im in loaded}) > 1:
-            warnings.warn(f"the {what}s differ in size; all are resized to the output size", stacklevel=3)
-        return loaded, names
-
-    def _img2img_start(self, images, size: tuple[int, int], generators, sched, steps: int, strength: float):
-        """z_t of each input image and the timesteps left to run (SDEdit, Meng et al. 2022).
-
-        PIL images are encoded (posterior sample from the image's generator: its next draw) and
-        scaled; a latent batch is used as it is. Then each is noised, with the next draw of its
-        generator, to the timestep at which the last ``strength`` part of the schedule begins.
-        """
-        from diffusers.image_processor import VaeImageProcessor
-
-        if isinstance(images, torch.Tensor):
-            z0 = images
-        else:
-            pixels = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(images, height=size[0], width=size[1])
-            z0 = self._encode_sample(pixels, generators)
-        noise = initial_latents(generators, tuple(z0.shape[1:]), device=self.device, dtype=self.unet.dtype)
-        timesteps = _strength_timesteps(sched, steps, strength)
-        if len(timesteps) == 0:  # strength 0, or too small for one step: the encoded image itself
-            return z0.to(self.unet.dtype), timesteps
-        z = sched.add_noise(z0.to(self.unet.dtype), noise, timesteps[:1].repeat(len(z0)))
-        return z, timesteps
-
-    def _encode_sample(self, pixels: torch.Tensor, generators) -> torch.Tensor:
-        """Scaled latents of (B, 3, H, W) pixels in [-1, 1]: a posterior sample, eps from each
-        image's generator (its next draw), as diffusers' pipelines encode with generators."""
-        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist  # (B, C, h, w)
-        eps = initial_latents(generators, tuple(posterior.mean.shape[1:]), device=self.device, dtype=posterior.mean.dtype)
-        return ((posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor).to(self.unet.dtype)
-
-    def _inpaint_start(self, images, masks, size, generators, sched, steps: int, strength: float):
-        """Start latents, timesteps and loop state for inpainting.
-
-        The generator draws follow diffusers' inpainting pipeline, so its 9-channel results can be
-        compared: [input image's latent sample], noise, masked image's latent sample (drawn, and
-        for a 4-channel U-Net not needed, so that the later draws line up all the same).
-        """
-        from diffusers.image_processor import VaeImageProcessor
-
-        f = self.vae_scale_factor
-        pixels = VaeImageProcessor(vae_scale_factor=f).preprocess(images, height=size[0], width=size[1])
-        mask_px = _mask_processor(f).preprocess(masks, height=size[0], width=size[1])  # (B, 1, H, W) in {0, 1}
-        nine = self.unet.config.in_channels != self.vae.config.latent_channels
-        timesteps = _strength_timesteps(sched, steps, strength)
-        full = strength == 1.0  # start from pure noise
-        image_latents = None if (nine and full) else self._encode_sample(pixels, generators)
-        shape = (self.vae.config.latent_channels, size[0] // f, size[1] // f)
-        noise = initial_latents(generators, shape, device=self.device, dtype=self.unet.dtype)
-        masked = pixels * (mask_px < 0.5)
-        masked_latents = self._encode_sample(masked, generators) if nine else None
-        if not nine:
-            initial_latents(generators, shape)  # the draw diffusers spends on the masked image
-        if full:
-            latents = noise * sched.init_noise_sigma
-        elif len(timesteps) == 0:
-            latents = image_latents
-        else:
-            latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(len(images)))
-        mask = torch.nn.functional.interpolate(mask_px, size=shape[1:]).to(self.device, self.unet.dtype)  # nearest
-        return latents, timesteps, Inpaint(mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise)
-
-    def _known_pixels(self, images, masks, size):
-        """(mask (B, 1, H, W), the inputs after a VAE round trip (B, 3, H, W) in [-1, 1]): what the
-        unmasked region of an inpainted image is set to. The round trip uses the posterior mean."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        f = self.vae_scale_factor
-        pixels = VaeImageProcessor(vae_scale_factor=f).preprocess(images, height=size[0], width=size[1])
-        mask_px = _mask_processor(f).preprocess(masks, height=size[0], width=size[1])
-        mean = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
-        return mask_px.to(self.device), self.vae.decode(mean, return_dict=False)[0]
 
     def _make_scheduler(self, name: Optional[str]):
         if name is None:
@@ -610,8 +526,6 @@ class LatentDiffusion:
 
         ``keep`` = (mask, pixels): outside the mask the decoded image is replaced by ``pixels``.
         """
-        from diffusers.image_processor import VaeImageProcessor
-
         config = self.vae.config
         z = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):
@@ -620,7 +534,7 @@ class LatentDiffusion:
         if keep is not None:
             mask, known = keep
             decoded = mask * decoded + (1 - mask) * known
-        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(decoded, output_type=output_type)
+        return pixel_processor(self.vae_scale_factor).postprocess(decoded, output_type=output_type)
 
 
 def _check_embeds(embeds, name: str, text_encoder) -> torch.Tensor:
@@ -631,26 +545,6 @@ def _check_embeds(embeds, name: str, text_encoder) -> torch.Tensor:
             f"{name} has dimension {embeds.shape[-1]}, this model's text encoder {text_encoder.config.hidden_size}"
         )
     return embeds
-
-
-def _strength_timesteps(sched, steps: int, strength: float) -> torch.Tensor:
-    """The last ``strength`` part of the schedule (SDEdit); marks where the scheduler begins."""
-    kept = min(int(steps * strength), steps)  # steps actually run
-    if kept == 0:
-        return sched.timesteps[:0]
-    start = (steps - kept) * sched.order
-    if hasattr(sched, "set_begin_index"):
-        sched.set_begin_index(start)
-    return sched.timesteps[start:]
-
-
-def _mask_processor(vae_scale_factor: int):
-    """diffusers' mask preprocessing: greyscale, resized, in [0, 1], binarized at 0.5."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    return VaeImageProcessor(
-        vae_scale_factor=vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
-    )
 
 
 def _fresh(scheduler):
