@@ -177,11 +177,11 @@ class LatentDiffusion:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return next(self.unet.parameters()).device  # (diffusers' .device walks every module)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return next(self.unet.parameters()).dtype
 
     @property
     def vae_scale_factor(self) -> int:
