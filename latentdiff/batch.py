@@ -65,6 +65,8 @@ class BatchConfig:
     overwrite: bool = False
     progress: bool = True
     defaults: Defaults = field(default_factory=Defaults)
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale), applied after loading
+    fast: bool = False  # pipe.optimize(dtype=dtype) after the LoRAs: channels_last, fused QKV, torch.compile
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,10 @@ def run_batch(config: BatchConfig) -> int:
         if config.preset
         else LatentDiffusion.from_pretrained(config.model)
     ).to(_process_device(config.device, state), getattr(torch, config.dtype))
+    for lora_path, scale in config.loras:
+        pipe.load_lora(lora_path, scale=scale)
+    if config.fast:
+        pipe.optimize(dtype=config.dtype)  # in the run's recorded dtype, so run.json stays true
     run_info = {
         "model": pipe.source,  # for the reader; runs are compared by the weight hash
         "model_hash": pipe.weight_hash(),
@@ -298,6 +304,8 @@ def run_batch(config: BatchConfig) -> int:
         "base_seed": config.base_seed,
         "defaults": asdict(config.defaults),
     }
+    if config.loras:  # unfused LoRAs are not in the weight hash, so they are part of what makes a run
+        run_info["loras"] = [{k: r[k] for k in ("name", "sha256", "scale")} for r in pipe.loras.records()]
     out = Path(config.out)
     lock = _on_main(state, lambda: _prepare_folder(out, items, run_info, pipe.default_size, config.overwrite))
 
@@ -553,7 +561,7 @@ def _read_run_file(out: Path) -> Optional[dict]:
 
 def _comparable(run_info: dict) -> dict:
     """What makes two runs the same run (the model by its weights, not where it lies)."""
-    keys = ("model_hash", "dtype", "device", "base_seed", "defaults")
+    keys = ("model_hash", "dtype", "device", "base_seed", "defaults", "loras")
     return json.loads(json.dumps({k: run_info.get(k) for k in keys}))
 
 

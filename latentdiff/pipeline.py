@@ -18,11 +18,16 @@ from . import components, presets
 from .errors import InvalidInputError, MissingFileError
 from .metadata import save_png, weight_hash, weights_fingerprint
 from .images import ImageInput, image_hash, load_inputs
+from .lora import LoraSet
 from .modes import img2img_start, inpaint_start, known_pixels, pixel_processor
 from .prompts import count_chunks, encode_prompts
 from .sampling import StepCallback, denoise, initial_latents, make_generators, step_kwargs
 from .schedulers import make_scheduler, scheduler_from_config
+from .textual_inversion import Embedding
+from .textual_inversion import expand as expand_tokens
 from .validation import MAX_SEED, check_float, check_size, positive_int, whole_number
+from .vae import VaeOptions
+from .vae import decode as vae_decode
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Keys of an image's params that are also arguments of LatentDiffusion.__call__.
@@ -121,6 +126,11 @@ class LatentDiffusion:
         self.scheduler = scheduler_from_config(self.scheduler_config)
         self.source = source  # where the weights came from: {"path": ...} or {"preset": ..., "seed": ...}
         self._hash: Optional[tuple[tuple, str]] = None  # (weights fingerprint, hash)
+        self.vae_options = VaeOptions()  # tiling above a size, fp32 retry of a non-finite half decode (vae.py)
+        self.fast_options = None  # set by optimize()
+        self.compile_report: list = []  # one record per compiled shape (fast.py)
+        self.loras = LoraSet()  # LoRA adapters: load_lora / fuse_lora / unload_lora
+        self.embeddings: list[Embedding] = []  # textual inversions: load_textual_inversion
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -134,7 +144,8 @@ class LatentDiffusion:
     ) -> "LatentDiffusion":
         """Load a diffusers-format SD 1.x / 2.x folder; with no path, the embedded default model.
 
-        Never touches the network. ``variant`` picks files such as ``*.fp16.safetensors``.
+        Never touches the network. ``variant`` picks files such as ``*.fp16.safetensors``. A path to
+        a single ``.safetensors`` / ``.ckpt`` file is passed on to :meth:`from_single_file`.
         """
         if path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
@@ -143,8 +154,68 @@ class LatentDiffusion:
                     "(from_pretrained(PATH), --model PATH) or random weights (from_preset('tiny'), --preset tiny)"
                 )
             path = DEFAULT_MODEL_DIR
+        if Path(path).is_file():
+            return cls.from_single_file(path, dtype=dtype)
         parts = components.load_folder(path, dtype=dtype, variant=variant)
         return cls(**parts, source={"path": str(Path(path).resolve())})
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: Union[str, Path],
+        variant: Optional[str] = None,
+        strict: bool = True,
+        *,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "LatentDiffusion":
+        """Load an SD 1.x / 2.x checkpoint in the original single-file layout, offline.
+
+        ``variant`` (``sd1``, ``sd2``, ``sd2-v``) overrides detection from keys and shapes. Every key
+        is accounted for: with ``strict`` a missing, unexpected or misshapen key is an error naming
+        it; ``strict=False`` prints the report and loads what fits. See ``single_file.py``.
+        """
+        from .single_file import load_single_file
+
+        parts, arch, _ = load_single_file(path, variant=variant, strict=strict, dtype=dtype)
+        return cls(**parts, source={"path": str(Path(path).resolve()), "variant": arch.name})
+
+    def save_single_file(self, path: Union[str, Path]) -> Path:
+        """Write one original-layout file (safetensors; ``.ckpt`` for a pickle) that web UIs,
+        diffusers' ``from_single_file`` and :meth:`from_single_file` load."""
+        from .single_file import save_single_file
+
+        return save_single_file(self, path)
+
+    # -- adapters ---------------------------------------------------------------------------------
+
+    def load_lora(self, path: Union[str, Path], scale: float = 1.0, name: Optional[str] = None):
+        """Apply a LoRA (kohya or peft/diffusers layout) to the U-Net and text encoder.
+
+        Several can be loaded, each with its own ``scale`` (``name`` defaults to the file name).
+        Prints and returns a ``LoraReport`` (keys applied, keys that matched nothing); a LoRA that
+        matches nothing is an error. The weights are untouched until :meth:`fuse_lora`.
+        """
+        return self.loras.load(self, path, scale=scale, name=name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        self.loras.set_scale(name, scale)
+
+    def fuse_lora(self) -> None:
+        """Add the loaded LoRAs' deltas to the weights (faster calls; the weight hash changes)."""
+        self.loras.fuse()
+
+    def unload_lora(self, name: Optional[str] = None) -> None:
+        """Remove one LoRA, or all of them (restoring the exact original weights if fused)."""
+        self.loras.unload(name)
+
+    def load_textual_inversion(self, path: Union[str, Path], token: Optional[str] = None):
+        """Add a textual-inversion embedding (.safetensors / .pt; A1111 or diffusers layout) as
+        ``token`` (default: the file's own token, or its name), usable in prompts."""
+        from .textual_inversion import add_embedding
+
+        embedding = add_embedding(self.tokenizer, self.text_encoder, path, token)
+        self.embeddings.append(embedding)
+        return embedding
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0) -> "LatentDiffusion":
@@ -174,6 +245,15 @@ class LatentDiffusion:
             else:  # plain cast: diffusers' .to() warns about fp32-only modules even when it lists none
                 torch.nn.Module.to(module, dtype=dtype)
         return self
+
+    def optimize(self, compile: bool = True, **options) -> "LatentDiffusion":
+        """The fast path, in place: half precision on CUDA, channels_last, fused QKV projections and
+        ``torch.compile`` of the U-Net and the VAE decoder (see ``latentdiff.fast.FastOptions`` for
+        ``options``). Call it after ``to(device)``; returns the pipeline. Compilation happens at the
+        first call of each shape; ``compile_report`` lists what it cost."""
+        from .fast import FastOptions, optimize
+
+        return optimize(self, FastOptions(compile=compile, **options))
 
     @property
     def device(self) -> torch.device:
@@ -430,6 +510,10 @@ class LatentDiffusion:
             "batch_size": total,
             "latentdiff_version": _version(),
         }
+        if self.loras.adapters:  # not in the weight hash unless fused: recorded so a remake can reapply them
+            base["loras"] = self.loras.records()
+        if self.embeddings:
+            base["embeddings"] = [e.record() for e in self.embeddings]
         if init_images is not None:
             base["strength"] = strength
         if hires_scale is not None:
@@ -469,6 +553,9 @@ class LatentDiffusion:
             else:
                 uncond = negative_prompt_embeds.to(enc.device, enc.dtype)
             return [(list(range(len(prompts))), cond, uncond)]
+        if self.embeddings:  # multi-vector tokens expand to one token per vector
+            prompts = [expand_tokens(p, self.embeddings) for p in prompts]
+            negatives = [expand_tokens(q, self.embeddings) for q in negatives]
         lengths = [
             max(count_chunks(tok, p), count_chunks(tok, q) if guided else 1) for p, q in zip(prompts, negatives)
         ]
@@ -526,11 +613,7 @@ class LatentDiffusion:
 
         ``keep`` = (mask, pixels): outside the mask the decoded image is replaced by ``pixels``.
         """
-        config = self.vae.config
-        z = latents / config.scaling_factor
-        if getattr(config, "shift_factor", None):
-            z = z + config.shift_factor
-        decoded = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+        decoded = vae_decode(self.vae, latents, self.vae_options)  # (B, 3, H, W) in [-1, 1]
         if keep is not None:
             mask, known = keep
             decoded = mask * decoded + (1 - mask) * known
