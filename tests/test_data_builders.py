@@ -84,7 +84,9 @@ def test_shapes_seeded(tmp_path, shapes_dir):
     build("shapes", tmp_path / "b", count=60, size=32, seed=4)
     same = [(tmp_path / "a" / "train" / f"{i:06d}.png").read_bytes() for i in range(60)]
     assert same == [(shapes_dir / "train" / f"{i:06d}.png").read_bytes() for i in range(60)]
-    assert (tmp_path / "b" / "train" / "metadata.jsonl").read_text() != (tmp_path / "a" / "train" / "metadata.jsonl").read_text()
+    assert (tmp_path / "b" / "train" / "metadata.jsonl").read_text() != (
+        tmp_path / "a" / "train" / "metadata.jsonl"
+    ).read_text()
 
 
 def test_output_folder_rules(tmp_path, capsys):
@@ -170,7 +172,7 @@ def test_noto_renders_single_glyphs_only():
     font = ImageFont.truetype(str(NOTO_FONT), NOTO_STRIKE)
     apple = noto_glyph(font, "\U0001f34e")
     assert apple is not None and apple.width == apple.height
-    red, green, blue, alpha = (np.asarray(apple, dtype=int)[..., i] for i in range(4))
+    red, green, _, alpha = (np.asarray(apple, dtype=int)[..., i] for i in range(4))
     drawn = alpha > 128
     assert (red[drawn] > green[drawn] + 40).mean() > 0.5  # mostly red: it is the apple
     assert noto_glyph(font, "\U0010ffff") is None  # a code point the font has no glyph for

@@ -79,7 +79,9 @@ def write_dataset(
         raise InvalidInputError(f"{out} is a file; give a folder to write the data set into")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise InvalidInputError(f"{out} is not empty; choose a new folder, or pass --overwrite to replace a data set")
+            raise InvalidInputError(
+                f"{out} is not empty; choose a new folder, or pass --overwrite to replace a data set"
+            )
         if not (out / DATASET_FILE).is_file():
             raise InvalidInputError(f"{out} holds something other than a latentdiff data set; it is not replaced")
     counts: dict[str, int] = {}
@@ -92,7 +94,9 @@ def write_dataset(
                 for n, ex in enumerate(examples, 1):
                     name = f"{n - 1:06d}.png"
                     ex.image.save(folder / name, optimize=False)
-                    meta.write(json.dumps({"file_name": name, "text": ex.text, **ex.columns}, ensure_ascii=False) + "\n")
+                    meta.write(
+                        json.dumps({"file_name": name, "text": ex.text, **ex.columns}, ensure_ascii=False) + "\n"
+                    )
             if n == 0:
                 raise InvalidInputError(f"the {card.builder} builder produced no {split} images; check its options")
             counts[split] = n
@@ -111,7 +115,7 @@ def _readme(card: DatasetCard, counts: dict[str, int]) -> str:
         f"# latentdiff data set: {card.builder}\n\n"
         f"Made by `latentdiff data {card.builder} OUT_DIR {options}`.\n\n"
         f"{splits}\n\n"
-        f"Read it with `datasets.load_dataset(\"imagefolder\", data_dir=...)`.\n\n"
+        f'Read it with `datasets.load_dataset("imagefolder", data_dir=...)`.\n\n'
         f"## Source\n\n{card.source}\n\n## Licence\n\n{card.licence} (see LICENSE).\n"
         + (f"\n## Notes\n\n{card.notes}\n" if card.notes else "")
     )

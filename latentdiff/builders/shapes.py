@@ -141,7 +141,9 @@ def examples(combos: list[Combo], count: int, size: int, seed: int, stream: int)
         yield Example(draw(combo, size, rng), combo.caption, combo.columns)
 
 
-def build(out_dir: str | Path, *, count: int = 10000, size: int = 64, seed: int = 0, overwrite: bool = False) -> dict[str, int]:
+def build(
+    out_dir: str | Path, *, count: int = 10000, size: int = 64, seed: int = 0, overwrite: bool = False
+) -> dict[str, int]:
     """Write ``count`` training pictures and one test picture per held-out combination."""
     count = positive_int(count, "--count")
     size = positive_int(size, "--size")
@@ -169,4 +171,3 @@ def build(out_dir: str | Path, *, count: int = 10000, size: int = 64, seed: int 
         },
         overwrite=overwrite,
     )
-
