@@ -186,11 +186,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-def _load(model: Optional[str], preset: Optional[str], preset_seed: int = 0):
+def _load(model: Optional[str], preset: Optional[str], preset_seed: int = 0, variant: Optional[str] = None):
     from .pipeline import LatentDiffusion
 
     if preset is not None:
         return LatentDiffusion.from_preset(preset, seed=preset_seed)
+    if variant is not None and model is not None and Path(model).is_file():  # a single file read as a given variant
+        return LatentDiffusion.from_single_file(model, variant=variant)
     return LatentDiffusion.from_pretrained(model)
 
 
@@ -214,10 +216,11 @@ def _device(name: Optional[str]) -> str:
 def _generate(args) -> int:
     from .metadata import read_recipe
     from .pipeline import call_kwargs, prepare_output
+    from .single_file import VARIANTS
 
     request: dict = {}
     recipe: dict = {}
-    model, preset, preset_seed = args.model, args.preset, args.preset_seed
+    model, preset, preset_seed, variant = args.model, args.preset, args.preset_seed, None
     if args.from_png:
         recipe = read_recipe(args.from_png)
         request = call_kwargs(recipe)
@@ -226,6 +229,7 @@ def _generate(args) -> int:
             if not isinstance(source, dict) or not (source.get("path") or source.get("preset")):
                 raise InvalidInputError(f"the recipe in {args.from_png} names no model; pass --model or --preset")
             model, preset, preset_seed = source.get("path"), source.get("preset"), source.get("seed", 0)
+            variant = source.get("variant") if source.get("variant") in VARIANTS else None
     elif args.prompt is None:
         raise InvalidInputError("give a prompt, e.g. latentdiff generate \"a red apple\", or --from-png FILE")
     overrides = {
@@ -260,7 +264,7 @@ def _generate(args) -> int:
         raise InvalidInputError(f"the recipe asks for dtype {dtype!r}; pass --dtype, one of {', '.join(DTYPES)}")
     device = _device(args.device)
     prepare_output(args.output)
-    pipe = _load(model, preset, preset_seed).to(device, getattr(torch, dtype))
+    pipe = _load(model, preset, preset_seed, variant).to(device, getattr(torch, dtype))
     _apply_loras(pipe, args.lora, recipe.get("loras") if args.from_png else None)
     if args.fast:  # after the LoRAs; half precision on CUDA unless a dtype was asked for (or the recipe names one)
         pipe.optimize(dtype=dtype if (args.dtype or recipe.get("dtype")) else None)

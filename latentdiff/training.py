@@ -42,6 +42,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean loss of each log interval, this session
     skipped: list[tuple[str, str]] = field(default_factory=list)
     cache: Any = None  # CacheStats when data.cache
+    vae_psnr: Optional[float] = None  # held-out PSNR (dB) after a VAE stage
     main_process: bool = True  # False on the other ranks of a multi-process run
 
 
@@ -100,10 +101,16 @@ class Trainer:
                 print(f"removed an incomplete checkpoint left by a crash: {stale.name}")
         acc.wait_for_everyone()
         resume_from = checkpoints.resolve(config.checkpoint.resume, self.out)
+        if self.tensorboard:
+            acc.init_trackers("latentdiff", config=_flat_scalars(to_dict(config)))
 
         self.pipe = self.load_model()
         self.noise_scheduler = noise_scheduler_for(config.objective, self.pipe.scheduler_config)
         self.load_data()
+        if config.vae.steps > 0 and not config.model.vae_path:
+            from .vae_training import train_vae
+
+            self.pipe.vae = load_vae(str(train_vae(self)))
         trainables = self.setup_modules()
         self.fill_cache()
         batches, loader_kwargs = self.make_batches()
@@ -122,11 +129,9 @@ class Trainer:
                     "Resume with the same settings (or start a new output_dir)"
                 )
             self.say(f"resumed from {resume_from.name}: step {step}, epoch {epoch}, batch {position} of the epoch")
-        if self.tensorboard:
-            acc.init_trackers("latentdiff", config=_flat_scalars(to_dict(config)))
-
         run = config.train
-        bar = self._progress_bar(step)
+
+        bar = self._progress_bar(step, run.max_steps)
         interval_loss = torch.zeros((), device=self.device)
         interval_count, interval_start, interval_images = 0, time.perf_counter(), 0
         grad_norm = None
@@ -196,13 +201,8 @@ class Trainer:
             pipe = LatentDiffusion.from_pretrained(model.path)
         else:
             pipe = LatentDiffusion.from_preset(model.preset, seed=model.init_seed)
-        vae_path = model.vae_path
-        if not vae_path and self.config.vae.steps > 0:
-            from .vae_training import train_vae
-
-            vae_path = str(train_vae(self.config, pipe.vae, self.accelerator))
-        if vae_path:
-            pipe.vae = load_vae(vae_path)
+        if model.vae_path:
+            pipe.vae = load_vae(model.vae_path)
         return pipe
 
     def load_data(self) -> None:
@@ -515,12 +515,11 @@ class Trainer:
             self.result.model_dir = None if self.config.lora.enabled else self.out / "model"
             self.result.lora_file = self.out / "lora.safetensors" if self.config.lora.enabled else None
 
-    def _progress_bar(self, start: int):
+    def _progress_bar(self, start: int, total: int, what: str = "training"):
         from tqdm.auto import tqdm
 
-        run = self.config.train
-        return tqdm(total=run.max_steps, initial=start, desc="training", unit="step",
-                    disable=not (self.main and run.progress), dynamic_ncols=True)  # fmt: skip
+        return tqdm(total=total, initial=start, desc=what, unit="step",
+                    disable=not (self.main and self.config.train.progress), dynamic_ncols=True)  # fmt: skip
 
 
 def load_vae(path: str):

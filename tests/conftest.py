@@ -41,6 +41,13 @@ def reference(_reference_pipe, tiny_dir):
     return _reference_pipe
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torch.distributed rendezvous in multi-process tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class NetworkUsed(RuntimeError):
     pass
 

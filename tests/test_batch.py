@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port
+
 from latentdiff.batch import Defaults, Row, expand, image_seed, read_rows
 from latentdiff.cli import main
 from latentdiff.metadata import read_recipe
@@ -249,14 +251,6 @@ def test_txt_file_end_to_end(tmp_path):
     assert [(r["id"], r["index"]) for r in manifest(tmp_path / "out")] == [("2", 0), ("2", 1), ("4", 0), ("4", 1)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batch_command(prompts: Path, out: Path, *extra) -> list[str]:
     return [*extra, str(ROOT / "inference" / "batch.py"), str(prompts), "--out", str(out), "--preset", "tiny",
             "--no-progress"]  # fmt: skip
@@ -266,7 +260,7 @@ def test_two_processes_make_the_same_images(prompts, tmp_path):
     assert batch(prompts, "--out", tmp_path / "one", "--steps", "2") == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = _batch_command(prompts, tmp_path / "two", sys.executable, "-m", "torch.distributed.run",
-                             "--nproc_per_node", "2", "--master_port", str(_free_port()))  # fmt: skip
+                             "--nproc_per_node", "2", "--master_port", str(free_port()))  # fmt: skip
     proc = subprocess.run([*command, "--steps", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
@@ -328,7 +322,7 @@ def test_two_processes_refuse_another_runs_folder_without_hanging(prompts, tmp_p
     """The folder check runs on the main process; its verdict must reach the other one too."""
     assert batch(prompts, "--out", tmp_path / "out") == 0
     command = _batch_command(prompts, tmp_path / "out", sys.executable, "-m", "torch.distributed.run",
-                             "--nproc_per_node", "2", "--master_port", str(_free_port()))  # fmt: skip
+                             "--nproc_per_node", "2", "--master_port", str(free_port()))  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*command, "--steps", "3"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0

@@ -1,0 +1,272 @@
+"""The trainer end to end on the tiny preset: resume, SIGKILL, multi-process, caching, VAE stage, outputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from conftest import free_port
+from latentdiff import LatentDiffusion
+from latentdiff.objective import diffusion_loss, draw_global, noise_scheduler_for
+from latentdiff.train_config import ObjectiveConfig, TrainConfig
+from latentdiff.training import train
+from latentdiff.vae_training import psnr
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "training" / "configs" / "tiny-test.toml"
+WEIGHTS = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """8 captioned 64x64 pictures: a coloured circle or square on white."""
+    folder = tmp_path_factory.mktemp("shapes")
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "black": (10, 10, 10)}
+    lines = []
+    for i, (name, rgb) in enumerate(list(colours.items()) * 2):
+        shape = "circle" if i < 4 else "square"
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((16, 16, 48, 48), fill=rgb)
+        image.save(folder / f"{i}.png")
+        lines.append(f'{{"file_name": "{i}.png", "text": "a {name} {shape}"}}\n')
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    return folder
+
+
+def config(shapes: Path, out: Path, *overrides: str) -> TrainConfig:
+    return TrainConfig.load(CONFIG, [f"data.path={shapes}", f"train.output_dir={out}", "validation.prompts=[]", *overrides])
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return {f"{part}.{k}": v for part, file in WEIGHTS.items() for k, v in load_file(model_dir / file).items()}
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= atol, worst
+
+
+# -- exact resume -------------------------------------------------------------------------------
+
+
+def test_resume_from_the_middle_gives_identical_weights(shapes, tmp_path):
+    straight = train(config(shapes, tmp_path / "a", "train.max_steps=6", "checkpoint.every=3"))
+    assert (tmp_path / "a" / "checkpoint-00000003").is_dir()
+    # a run stopped after step 3 leaves exactly checkpoint 3 behind; resume = "latest" carries on from it
+    shutil.copytree(tmp_path / "a" / "checkpoint-00000003", tmp_path / "b" / "checkpoint-00000003")
+    resumed = train(config(shapes, tmp_path / "b", "train.max_steps=6", "checkpoint.every=3"))
+    assert resumed.steps == straight.steps == 6
+    assert_same_weights(straight.model_dir, resumed.model_dir)  # EMA weights: the EMA state resumed too
+    # the trained model is not simply the initial one
+    assert not torch.equal(weights(straight.model_dir)["unet.conv_in.weight"], LatentDiffusion.from_preset("tiny").unet.conv_in.weight)
+
+
+def test_sigkill_between_checkpoints_resumes_from_the_last_complete_one(shapes, tmp_path):
+    command = [sys.executable, "-m", "latentdiff", "train", "--config", str(CONFIG), "--set", f"data.path={shapes}",
+               "--set", f"train.output_dir={tmp_path / 'killed'}", "--set", "validation.prompts=[]",
+               "--set", "train.max_steps=400", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=1",
+               "--set", "optim.lr_schedule='constant'"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "killed"
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint-00000004").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before checkpoint 4"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # what a crash mid-save leaves: a hidden temporary folder, and a folder without its trainer state
+    (out / ".checkpoint-00000099.tmp").mkdir()
+    (out / "checkpoint-00000098").mkdir()
+    newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    assert newest >= 4
+    # (a constant learning rate, so that stopping at newest + 2 instead of 400 changes nothing before it)
+    resumed = train(config(shapes, out, "checkpoint.every=2", "checkpoint.keep=1", "optim.lr_schedule='constant'",
+                           f"train.max_steps={newest + 2}"))  # fmt: skip
+    assert not (out / ".checkpoint-00000099.tmp").exists()
+    straight = train(config(shapes, tmp_path / "straight", "checkpoint.every=0", "optim.lr_schedule='constant'",
+                            f"train.max_steps={newest + 2}"))  # fmt: skip
+    assert_same_weights(resumed.model_dir, straight.model_dir)
+
+
+# -- multi-process ------------------------------------------------------------------------------
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(shapes, tmp_path):
+    common = ["train.max_steps=3", "checkpoint.every=0", "optim.eps=1e-3", "train.ema=false"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(ROOT / "training" / "train.py"), "--config", str(CONFIG), "--set", f"data.path={shapes}",
+               "--set", f"train.output_dir={tmp_path / 'two'}", "--set", "train.batch_size=1",
+               "--set", "validation.prompts=['a red circle', 'a blue square', 'a green circle']"]  # fmt: skip
+    for item in common:
+        command += ["--set", item]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: 3 steps") == 1  # one report, from the main process
+    two = tmp_path / "two"
+    assert [p.name for p in two.glob("checkpoint-*")] == ["checkpoint-00000003"]
+    assert (two / "model" / "model_index.json").is_file() and (two / "validation" / "step-00000003.png").is_file()
+    grid = Image.open(two / "validation" / "step-00000003.png")
+    assert grid.size == (64, 3 * 64)  # three prompts split across the ranks, gathered on the main process
+
+    one = train(config(shapes, tmp_path / "one", "train.batch_size=2", *common))
+    # The same samples, noise and timesteps; only the order of the gradient sum differs (fp32 rounding, ~1e-7
+    # relative). Adam's eps = 1e-3 keeps its update a smooth function of the gradient, so that stays small.
+    assert_same_weights(two / "model", one.model_dir, atol=1e-5)
+
+
+# -- learning -----------------------------------------------------------------------------------
+
+
+def test_loss_falls_well_below_its_start_on_a_small_fixed_set(shapes, tmp_path):
+    result = train(config(shapes, tmp_path / "fit", "train.max_steps=240", "train.log_every=20", "checkpoint.every=0",
+                          "train.ema=false", "optim.lr_schedule='constant'", "data.caption_dropout=0.0",
+                          "model.train_text_encoder=false", "train.batch_size=8", "data.cache=true"))  # fmt: skip
+    first, last = result.losses[0], result.losses[-1]
+    assert last < 0.35 * first, result.losses
+
+
+# -- caching ------------------------------------------------------------------------------------
+
+
+def test_cache_is_reused_and_an_edited_image_alone_is_encoded_again(shapes, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    calls = []
+    original = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: calls.append(x.shape[0]) or original(self, x, *a, **k))
+    settings = ["data.cache=true", f"data.cache_dir={tmp_path / 'cache'}", "model.train_text_encoder=false",
+                "train.max_steps=4", "checkpoint.every=0", "train.log_every=1"]  # fmt: skip
+
+    first = train(config(data, tmp_path / "r1", *settings))
+    assert sum(calls) == 8 * 2  # every image, flipped and not
+    assert (first.cache.latents_encoded, first.cache.texts_encoded) == (16, 9)  # 8 captions + the empty one
+
+    calls.clear()
+    second = train(config(data, tmp_path / "r2", *settings))
+    assert calls == [] and second.cache.latents_reused == 16 and second.cache.texts_reused == 9
+    assert second.losses == first.losses
+    assert_same_weights(first.model_dir, second.model_dir)
+
+    image = Image.open(data / "3.png")
+    image.putpixel((0, 0), (0, 0, 0))
+    image.save(data / "3.png")
+    third = train(config(data, tmp_path / "r3", *settings))
+    assert sum(calls) == 2 and third.cache.latents_encoded == 2 and third.cache.latents_reused == 14
+
+
+# -- from scratch with a VAE stage ---------------------------------------------------------------
+
+
+def test_psnr_closed_form():
+    reference = torch.zeros(2, 3, 4, 4)
+    noisy = reference + 0.2  # error 0.1 on the [0, 1] scale: PSNR = 10 log10(1 / 0.01) = 20 dB
+    assert torch.allclose(psnr(reference, noisy), torch.tensor([20.0, 20.0]), atol=1e-4)
+
+
+def test_vae_stage_trains_a_vae_and_reports_held_out_psnr(shapes, tmp_path):
+    from latentdiff.vae_training import _held_out_psnr  # noqa: F401  (the stage's own metric)
+
+    result = train(config(shapes, tmp_path / "scratch", "vae.steps=30", "vae.batch_size=4", "vae.lr=2e-3",
+                          "vae.holdout=2", "train.max_steps=1", "checkpoint.every=0"))  # fmt: skip
+    trained = result.vae_psnr
+    vae_dir = tmp_path / "scratch" / "vae"
+    assert (vae_dir / "psnr.json").is_file() and np.isfinite(trained)
+    # the final model carries the trained VAE with a data-derived latent scale
+    final = LatentDiffusion.from_pretrained(result.model_dir)
+    assert final.vae.config.scaling_factor != LatentDiffusion.from_preset("tiny").vae.config.scaling_factor
+    # and it reconstructs held-out images better than the untrained VAE it started from
+    untrained = LatentDiffusion.from_preset("tiny").vae
+    image = torch.from_numpy(np.asarray(Image.open(shapes / "0.png"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        before = psnr(image, untrained.decode(untrained.encode(image).latent_dist.mean).sample)
+        after = psnr(image, final.vae.decode(final.vae.encode(image).latent_dist.mean).sample)
+    assert after > before + 3, (before, after)
+
+
+# -- objective ----------------------------------------------------------------------------------
+
+
+def test_min_snr_weights_follow_the_closed_form():
+    for kind in ("epsilon", "v_prediction", "sample"):
+        sched = noise_scheduler_for(ObjectiveConfig(prediction_type=kind, noise_schedule="linear"), {})
+        t = torch.tensor([10, 500, 990])
+        latents, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+        pred = torch.randn(3, 4, 2, 2)
+        plain = diffusion_loss(pred, latents, noise, t, sched, snr_gamma=0.0)
+        weighted = diffusion_loss(pred, latents, noise, t, sched, snr_gamma=5.0)
+        abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]
+        snr = abar / (1 - abar)
+        expected = {"epsilon": snr.clamp(max=5) / snr, "v_prediction": snr.clamp(max=5) / (snr + 1), "sample": snr.clamp(max=5)}[kind]
+        assert torch.allclose(weighted.double(), plain.double() * expected, rtol=1e-4), kind
+        if kind == "v_prediction":  # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
+            v = abar.sqrt().view(-1, 1, 1, 1) * noise - (1 - abar).sqrt().view(-1, 1, 1, 1) * latents
+            assert torch.allclose(plain.double(), (pred.double() - v).pow(2).mean(dim=(1, 2, 3)), rtol=1e-4)
+
+
+def test_each_rank_draws_its_slice_of_the_global_batch():
+    whole = draw_global((6, 4, 2, 2), 1234, "cpu", rank=0, per_rank=6)
+    parts = [draw_global((6, 4, 2, 2), 1234, "cpu", rank=r, per_rank=2) for r in range(3)]
+    assert torch.equal(whole, torch.cat(parts))
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+def test_final_model_loads_in_diffusers_with_the_trained_schedule(shapes, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    result = train(config(shapes, tmp_path / "v", "train.max_steps=2", "checkpoint.every=0", "objective.prediction_type='v_prediction'",
+                          "objective.zero_terminal_snr=true", "objective.snr_gamma=5.0", "objective.noise_offset=0.05"))  # fmt: skip
+    card = (result.model_dir / "README.md").read_text()
+    assert "zero_terminal_snr = true" in card and "8 images used" in card
+    ours = LatentDiffusion.from_pretrained(result.model_dir)
+    assert ours.scheduler_config["prediction_type"] == "v_prediction" and ours.scheduler_config["timestep_spacing"] == "trailing"
+    theirs = StableDiffusionPipeline.from_pretrained(result.model_dir, local_files_only=True, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 3.0, "height": 64, "width": 64}
+    a = ours("a red circle", seed=5, output_type="np", **kwargs).images[0]
+    b = theirs("a red circle", generator=torch.Generator().manual_seed(5), output_type="np", **kwargs).images[0]
+    assert np.abs(a - b).max() < 1e-5
+
+
+# -- LoRA ---------------------------------------------------------------------------------------
+
+
+def test_lora_run_writes_a_small_adapter_that_the_pipeline_loads(shapes, tiny_dir, tmp_path):
+    result = train(config(shapes, tmp_path / "lora", f"model.path={tiny_dir}", "lora.enabled=true", "lora.rank=4",
+                          "lora.alpha=4.0", "model.train_text_encoder=true", "train.max_steps=3", "optim.lr=1e-2",
+                          "checkpoint.every=0"))  # fmt: skip
+    assert result.model_dir is None and result.lora_file.is_file()
+    # the checkpoint holds the adapters, not the frozen base weights
+    saved = load_file(tmp_path / "lora" / "checkpoint-00000003" / "model.safetensors")
+    assert saved and all("lora" in key for key in saved)
+    tensors = load_file(result.lora_file)
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+
+    kwargs = {"num_inference_steps": 2, "guidance_scale": 2.0, "seed": 3, "output_type": "np"}
+    base = LatentDiffusion.from_pretrained(tiny_dir)
+    plain = base("a red circle", **kwargs).images[0]
+    report = base.load_lora(result.lora_file, scale=1.0)
+    assert report.unmatched_keys == [] and report.applied_keys == len(tensors)
+    adapted = base("a red circle", **kwargs).images[0]
+    assert np.abs(adapted - plain).max() > 1e-3  # the adapter changes the image
+    base.set_lora_scale(report.name, 0.0)
+    assert np.array_equal(base("a red circle", **kwargs).images[0], plain)  # scale 0 is the base model

@@ -1,0 +1,205 @@
+"""Training config and data: typed TOML, dataset layouts, bucketing, caption dropout, bad images."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from latentdiff.cli import main as cli
+from latentdiff.config import to_toml
+from latentdiff.data import BucketBatches, DataConfig, TrainDataset, assign_buckets, make_buckets, scan
+from latentdiff.errors import InvalidInputError
+from latentdiff.train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 220, 40)}
+SIZES = [(64, 64), (128, 64), (64, 128), (96, 96)]
+
+
+def make_images(folder: Path, count: int, sizes=SIZES) -> list[dict]:
+    """Solid-colour images of several aspect ratios; returns the imagefolder metadata rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        name = list(COLOURS)[i % len(COLOURS)]
+        size = sizes[i % len(sizes)]
+        Image.new("RGB", size, COLOURS[name]).save(folder / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "text": f"a {name} picture number {i}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "training" / "configs").glob("*.toml")):
+        config = TrainConfig.load(path)
+        # the resolved config written beside checkpoints reads back to the same config
+        reread = path.parent / "_roundtrip.toml"
+        try:
+            reread.write_text(to_toml(config))
+            assert TrainConfig.load(reread) == config, path.name
+        finally:
+            reread.unlink()
+
+
+def test_unknown_key_and_wrong_type_name_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlr_shedule = 'cosine'\n")
+    with pytest.raises(InvalidInputError, match=r"optim\.lr_shedule"):
+        TrainConfig.load(bad)
+    bad.write_text("[train]\nmax_steps = 'many'\n")
+    with pytest.raises(InvalidInputError, match=r"train\.max_steps must be a whole number"):
+        TrainConfig.load(bad)
+    with pytest.raises(InvalidInputError, match=r"data\.caption_dropout"):
+        TrainConfig.load(None, ["data.caption_dropout=1.5"])
+    with pytest.raises(InvalidInputError, match="unknown config key colour"):
+        TrainConfig.load(None, ["colour=1"])
+
+
+def test_overrides_use_toml_syntax():
+    config = TrainConfig.load(None, ["optim.lr=3e-5", "train.ema=true", "data.path=/data/my pets",
+                                     "validation.prompts=['a', 'b']", "train.batch_size=7"])  # fmt: skip
+    assert (config.optim.lr, config.train.ema, config.data.path) == (3e-5, True, "/data/my pets")
+    assert (config.validation.prompts, config.train.batch_size) == (["a", "b"], 7)
+
+
+def test_cli_config_error_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\npresett = 'tiny'\n")
+    assert cli(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("latentdiff: error:") and "model.presett" in err and "\n" not in err
+    assert cli(["train", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+# -- layouts ------------------------------------------------------------------------------------
+
+
+def test_imagefolder_txt_disk_and_parquet_layouts_agree(tmp_path):
+    import datasets
+
+    rows = make_images(tmp_path / "folder", 6)
+    write_jsonl(tmp_path / "folder" / "metadata.jsonl", rows)
+    want = {r["text"] for r in rows}
+
+    txt = tmp_path / "txt"
+    make_images(txt, 6)
+    for r in rows:
+        (txt / r["file_name"]).with_suffix(".txt").write_text(r["text"] + "\n")
+
+    table = datasets.Dataset.from_dict(
+        {"img": [str(tmp_path / "folder" / r["file_name"]) for r in rows], "caption": [r["text"] for r in rows]}
+    ).cast_column("img", datasets.Image())
+    table.save_to_disk(str(tmp_path / "disk"))
+    table.to_parquet(str(tmp_path / "data.parquet"))
+
+    for path, columns in [(tmp_path / "folder", {}), (txt, {}), (tmp_path / "disk", {"image_column": "img", "caption_column": "caption"}),
+                          (tmp_path / "data.parquet", {"image_column": "img", "caption_column": "caption"})]:  # fmt: skip
+        source = scan(DataConfig(path=str(path), **columns), progress=False)
+        assert {r.captions[0] for r in source.records} == want, path
+        assert not source.skipped
+        assert all(source.image(r).size == r.size for r in source.records)
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    write_jsonl(tmp_path / "metadata.jsonl", make_images(tmp_path, 2))
+    with pytest.raises(InvalidInputError, match="no column 'caption'.*data.caption_column"):
+        scan(DataConfig(path=str(tmp_path), caption_column="caption"), progress=False)
+
+
+def test_unreadable_images_are_skipped_and_listed(tmp_path):
+    rows = make_images(tmp_path, 4)
+    good = (tmp_path / "000.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"this is not an image")
+    rows += [{"file_name": "truncated.png", "text": "t"}, {"file_name": "garbage.png", "text": "g"},
+             {"file_name": "absent.png", "text": "a"}]  # fmt: skip
+    write_jsonl(tmp_path / "metadata.jsonl", rows)
+    source = scan(DataConfig(path=str(tmp_path)), progress=False)
+    assert len(source.records) == 4
+    assert sorted(Path(key).name for key, _ in source.skipped) == ["absent.png", "garbage.png", "truncated.png"]
+
+
+def test_several_captions_pick_one_per_sample(tmp_path):
+    make_images(tmp_path, 1)
+    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": "000.png", "text": ["one", "two", "three"]}])
+    config = DataConfig(path=str(tmp_path), caption_dropout=0.0)
+    source = scan(config, progress=False)
+    dataset = TrainDataset(source, [(64, 64)], [0], config, seed=0)
+    picked = [dataset.choices(epoch, 0)[1] for epoch in range(300)]
+    assert set(picked) == {"one", "two", "three"}
+    assert picked == [dataset.choices(epoch, 0)[1] for epoch in range(300)]  # a pure function of (seed, epoch, index)
+
+
+# -- buckets and batches ------------------------------------------------------------------------
+
+
+def test_buckets_hold_the_pixel_budget_and_step():
+    for w, h in make_buckets(512, 64, 2.0):
+        assert w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 and max(w / h, h / w) <= 2.0
+    assert (512, 512) in make_buckets(512, 64, 2.0)
+
+
+def test_every_batch_comes_from_one_bucket(tmp_path):
+    write_jsonl(tmp_path / "metadata.jsonl", make_images(tmp_path, 16))
+    config = DataConfig(path=str(tmp_path), resolution=64, bucket_step=16, buckets=True)
+    source = scan(config, progress=False)
+    buckets, bucket_of = assign_buckets(source.records, config)
+    # 2:1 and 1:2 images go to the widest / tallest buckets within max_aspect, both square sizes to 64x64
+    assert sorted({buckets[b] for b in bucket_of}) == [(48, 80), (64, 64), (80, 48)]
+    dataset = TrainDataset(source, buckets, bucket_of, config, seed=0)
+    batches = BucketBatches(bucket_of, batch_size=2, seed=0)
+    seen = 0
+    for epoch in range(3):
+        batches.epoch = epoch
+        for keys in batches:
+            shapes = {tuple(dataset[k]["pixels"].shape) for k in keys}
+            assert len(shapes) == 1 and len({bucket_of[i] for _, i in keys}) == 1
+            (shape,) = shapes
+            w, h = buckets[bucket_of[keys[0][1]]]
+            assert shape == (3, h, w)
+            seen += len(keys)
+    assert seen == 3 * 16
+
+
+def test_ranks_split_the_same_global_batches():
+    bucket_of = [random.Random(i).randrange(3) for i in range(50)]
+    single = BucketBatches(bucket_of, batch_size=4, seed=7)
+    ranks = [BucketBatches(bucket_of, batch_size=2, seed=7, num_processes=2, rank=r) for r in range(2)]
+    for epoch in range(2):
+        for b in (single, *ranks):
+            b.epoch = epoch
+        for whole, *parts in zip(single, *ranks):
+            assert whole == parts[0] + parts[1]
+    # resuming mid-epoch continues with exactly the batches not yet seen
+    single.epoch, single.start = 1, 3
+    resumed = list(single)
+    single.start = 0
+    assert resumed == list(single)[3:]
+
+
+def test_too_few_images_for_a_batch_is_a_clear_error():
+    with pytest.raises(InvalidInputError, match="no bucket holds a whole global batch of 8"):
+        BucketBatches([0, 0, 1, 1], batch_size=4, seed=0, num_processes=2)
+
+
+def test_caption_dropout_rate(tmp_path):
+    write_jsonl(tmp_path / "metadata.jsonl", make_images(tmp_path, 4))
+    n = 4 * 1000
+    for p in (0.0, 0.1, 0.5, 1.0):
+        config = DataConfig(path=str(tmp_path), caption_dropout=p)
+        source = scan(config, progress=False)
+        dataset = TrainDataset(source, [(64, 64)], [0] * 4, config, seed=3)
+        dropped = sum(dataset.choices(epoch, i)[1] == "" for epoch in range(1000) for i in range(4))
+        # a binomial(n, p) count stays within 5 standard deviations of n*p (fails by chance < 1e-6)
+        assert abs(dropped - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1e-9, (p, dropped)
