@@ -100,6 +100,42 @@ PRESETS: dict[str, Preset] = {
         },
         scheduler=_SD_SCHEDULER,
     ),
+    # A small model for training from scratch on 64-128 px images: a VAE that downsamples by 4
+    # (64x64 pixels -> 16x16x4 latents, so fine detail survives), a three-level U-Net, and a
+    # 6-layer text encoder over the full CLIP vocabulary. About 27M parameters in all.
+    "small": Preset(
+        name="small",
+        unet={
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "block_out_channels": [64, 128, 128],
+            "layers_per_block": 2,
+            "cross_attention_dim": 256,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        vae={
+            **_SD_VAE,
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "block_out_channels": [32, 64, 64],
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+            "sample_size": 64,
+        },
+        text_encoder={
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "projection_dim": 256,
+            "hidden_act": "quick_gelu",
+        },
+        scheduler=_SD_SCHEDULER,
+    ),
     "sd15": Preset(
         name="sd15",
         unet={**_SD_UNET_BLOCKS, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},

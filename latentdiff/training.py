@@ -73,6 +73,8 @@ class Trainer:
         self.main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
+        # FSDP shards the weights: a forward needs every rank at once, and full weights must be gathered
+        self.sharded = self.accelerator.distributed_type == "FSDP"
         self.device = self.accelerator.device
         self.result = TrainResult(self.out, main_process=self.main)
         if run.tensorboard and not self.tensorboard:
@@ -422,7 +424,8 @@ class Trainer:
         if not val.prompts:
             return
         jobs = [(p, s) for p in val.prompts for s in val.seeds]
-        mine = list(range(len(jobs)))[self.rank :: self.world]  # prompts split across ranks
+        # prompts split across ranks; sharded weights need every rank in every forward, so all run all
+        mine = list(range(len(jobs)))[0 if self.sharded else self.rank :: 1 if self.sharded else self.world]
         pipe = self.inference_pipe()
         moved = [m for m in (pipe.vae, pipe.text_encoder) if next(m.parameters()).device != self.device]
         for module in moved:
@@ -449,7 +452,7 @@ class Trainer:
                 self.ema.restore(self.trainable_params)
             for module in moved:
                 module.to("cpu")
-        gathered = sorted(gather_object(made), key=lambda item: item[0])
+        gathered = made if self.sharded else sorted(gather_object(made), key=lambda item: item[0])
         if not self.main:
             return
         grid = _grid([image for _, image in gathered], columns=len(val.seeds))
@@ -483,8 +486,11 @@ class Trainer:
         acc.wait_for_everyone()
         if self.ema is not None:
             self.ema.copy_to(self.trainable_params)  # the final weights are the averaged ones
+        full = [acc.get_state_dict(m) for m in self.trained_modules] if self.sharded else None  # collective
         if self.main:
             pipe = self.inference_pipe()
+            if full is not None:  # whole weights gathered from the shards, into plain copies of the modules
+                pipe.unet, pipe.text_encoder = (_gathered(acc, m, full, self.trained_modules) for m in (self.unet, self.text_encoder))
             card = model_card(self.config, step, seconds, len(self.source.records), len(self.source.skipped), self.world)
             if self.config.lora.enabled:
                 from peft.utils import get_peft_model_state_dict
@@ -568,6 +574,18 @@ def _keep_trainable_weights(models, weights, output_dir) -> None:
         keep = {name for name, p in model.named_parameters() if p.requires_grad}
         for key in [k for k in state if k not in keep]:
             del state[key]
+
+
+def _gathered(acc, module, states, prepared):
+    """``module`` as a plain unsharded copy holding the gathered full weights (or itself if not trained)."""
+    for candidate, state in zip(prepared, states):
+        if candidate is module:
+            inner = acc.unwrap_model(module)
+            # a fresh instance of the same architecture: copying the sharded module would copy its shards
+            plain = type(inner).from_config(inner.config) if hasattr(type(inner), "from_config") else type(inner)(inner.config)
+            plain.load_state_dict(state)
+            return plain.eval()
+    return acc.unwrap_model(module)
 
 
 def _step_of(checkpoint: Path) -> int:

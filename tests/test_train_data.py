@@ -42,7 +42,8 @@ def write_jsonl(path: Path, rows) -> None:
 
 def test_shipped_configs_load():
     for path in sorted((ROOT / "training" / "configs").glob("*.toml")):
-        config = TrainConfig.load(path)
+        # the shipped configs leave the paths to --set; LoRA refuses to start without a base model
+        config = TrainConfig.load(path, ["model.path=/models/base"] if "lora" in path.name else [])
         # the resolved config written beside checkpoints reads back to the same config
         reread = path.parent / "_roundtrip.toml"
         try:
