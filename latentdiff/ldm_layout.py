@@ -99,7 +99,9 @@ def unet_key(key: str, config) -> str:
             slot = 2 if "CrossAttn" in config["up_block_types"][level] else 1
             return f"output_blocks.{level * (per + 1) + per}.{slot}.{tail}"
         index = level * (per + 1) + j
-        return f"output_blocks.{index}.0.{_resnet_tail(tail)}" if kind == "resnets" else f"output_blocks.{index}.1.{tail}"
+        return (
+            f"output_blocks.{index}.0.{_resnet_tail(tail)}" if kind == "resnets" else f"output_blocks.{index}.1.{tail}"
+        )
     raise LayoutError(key)
 
 
@@ -120,7 +122,7 @@ def vae_key(key: str, config) -> str:
     if rest.startswith(("conv_in.", "conv_out.")):
         return key
     if rest.startswith("conv_norm_out."):
-        return f"{side}.norm_out.{rest[len('conv_norm_out.'):]}"
+        return f"{side}.norm_out.{rest[len('conv_norm_out.') :]}"
     m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", rest)
     if m:
         direction, level, kind, j, tail = m.groups()
@@ -159,7 +161,9 @@ def text_rules(keys: Iterable[str], openclip: bool) -> list[Rule]:
             rules.append(Rule(OPENCLIP_PREFIX + "ln_final." + short.split(".", 1)[1], (("text_encoder", key),)))
         elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", short):
             fused.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = key
-        elif m := re.match(r"encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2|mlp\.fc1|mlp\.fc2|self_attn\.out_proj)\.(.+)", short):
+        elif m := re.match(
+            r"encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2|mlp\.fc1|mlp\.fc2|self_attn\.out_proj)\.(.+)", short
+        ):
             old = f"transformer.resblocks.{m.group(1)}.{_OPENCLIP[m.group(2)]}.{m.group(3)}"
             rules.append(Rule(OPENCLIP_PREFIX + old, (("text_encoder", key),)))
         else:

@@ -80,6 +80,8 @@ class _Adapter:
     report: LoraReport
     layers: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (down, up, alpha / r)
     fused: bool = False
+    # (module, device, dtype) -> (down, up) there: copied once, not at every call
+    placed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class LoraSet:
@@ -97,7 +99,9 @@ class LoraSet:
         scale = _check_scale(scale)
         name = path.stem if name is None else str(name)
         if name in self.adapters:
-            raise InvalidInputError(f"a LoRA named {name!r} is already loaded; pass another name= or unload_lora() first")
+            raise InvalidInputError(
+                f"a LoRA named {name!r} is already loaded; pass another name= or unload_lora() first"
+            )
         tensors, metadata = read_tensor_file(path)
         pairs, unreadable = _read_pairs(tensors, metadata)
         modules = {"unet": _targets(pipe.unet, "unet"), "text_encoder": _targets(pipe.text_encoder, "text_encoder")}
@@ -131,7 +135,9 @@ class LoraSet:
     def set_scale(self, name: str, scale: float) -> None:
         adapter = self._get(name)
         if adapter.fused:
-            raise InvalidInputError(f"LoRA {name!r} is fused into the weights; unload_lora() and load it again to rescale")
+            raise InvalidInputError(
+                f"LoRA {name!r} is fused into the weights; unload_lora() and load it again to rescale"
+            )
         adapter.report.scale = _check_scale(scale)
 
     def _get(self, name: str) -> _Adapter:
@@ -152,7 +158,10 @@ class LoraSet:
             if adapter.fused or entry is None or adapter.report.scale == 0:
                 continue
             down, up, factor = entry
-            down, up = down.to(x.device, x.dtype), up.to(x.device, x.dtype)
+            where = (module, x.device, x.dtype)
+            if where not in adapter.placed:
+                adapter.placed[where] = (down.to(x.device, x.dtype), up.to(x.device, x.dtype))
+            down, up = adapter.placed[where]
             if isinstance(module, torch.nn.Conv2d):
                 # A (r, in, k, k) with the layer's own stride / padding, then B (out, r, 1, 1)
                 h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)
@@ -181,7 +190,9 @@ class LoraSet:
         """Remove one adapter (not fused) or all of them, restoring fused weights exactly."""
         if name is not None:
             if self._get(name).fused:
-                raise InvalidInputError(f"LoRA {name!r} is fused into the weights; unload_lora() without a name removes all")
+                raise InvalidInputError(
+                    f"LoRA {name!r} is fused into the weights; unload_lora() without a name removes all"
+                )
             del self.adapters[name]
         else:
             for module, original in self._originals.items():
@@ -341,7 +352,9 @@ def save_lora(path, *, unet_state=None, text_encoder_state=None, rank: int, alph
 
 def _check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise InvalidInputError(f"LoRA scale must be a finite number (1.0 = the LoRA's full effect, 0 = none), got {scale!r}")
+        raise InvalidInputError(
+            f"LoRA scale must be a finite number (1.0 = the LoRA's full effect, 0 = none), got {scale!r}"
+        )
     return float(scale)
 
 

@@ -82,7 +82,9 @@ def _read_pickle(path: Path) -> dict[str, Any]:
     return data
 
 
-def write_tensor_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+def write_tensor_file(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Write ``tensors`` atomically: safetensors unless ``path`` ends in a pickle suffix.
 
     A pickle gets ``{"state_dict": tensors, **metadata}`` (the original checkpoints' shape), which

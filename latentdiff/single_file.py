@@ -93,7 +93,11 @@ class KeyReport:
     def lines(self, limit: int = 20) -> list[str]:
         out = [f"{self.loaded} tensors loaded"]
         out += [f"{n} ignored: {why}" for why, n in self.ignored.items()]
-        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("wrong shape", self.mismatched)):
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("wrong shape", self.mismatched),
+        ):
             if keys:
                 shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
                 out.append(f"{len(keys)} {label}: {shown}")
@@ -268,11 +272,7 @@ def account(tensors: dict[str, torch.Tensor], rules: list[L.Rule], model_shapes:
 def _clip_aliases(tensors) -> dict[str, str]:
     """Older SD 1.x files store the CLIP text model without the ``text_model.`` level."""
     old = L.TEXT + "transformer."
-    return {
-        L.CLIP_PREFIX + k[len(old) :]: k
-        for k in tensors
-        if k.startswith(old) and not k.startswith(L.CLIP_PREFIX)
-    }
+    return {L.CLIP_PREFIX + k[len(old) :]: k for k in tensors if k.startswith(old) and not k.startswith(L.CLIP_PREFIX)}
 
 
 def _split(value: torch.Tensor, n: int):
@@ -304,6 +304,9 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
         raise InvalidInputError(f"the architecture of {path} has no original-layout form ({e})") from None
     shapes = {(part, k): tuple(v.shape) for part, m in parts.items() for k, v in m.state_dict().items()}
     report, states = account(tensors, rules, shapes, text_encoder.config.num_hidden_layers)
+    if "heuristic" in arch.reason:
+        print(f"latentdiff: {path}: read as {VARIANTS[arch.name].description} ({arch.reason}); "
+              f"pass variant= / --variant if that is wrong", file=sys.stderr)  # fmt: skip
     if not report.clean:
         summary = "; ".join(report.lines()[1:])
         if strict:
@@ -344,7 +347,9 @@ def save_single_file(pipe, path: str | Path) -> Path:
     try:
         tensors = original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
     except L.LayoutError as e:
-        raise InvalidInputError(f"this model's architecture has no original-layout form ({e}); save a folder instead") from None
+        raise InvalidInputError(
+            f"this model's architecture has no original-layout form ({e}); save a folder instead"
+        ) from None
     tok = pipe.tokenizer
     config = {
         "format": 1,

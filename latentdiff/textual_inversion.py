@@ -81,7 +81,9 @@ def add_embedding(tokenizer, text_encoder, path: str | Path, token: Optional[str
         raise InvalidInputError(f"the tokenizer and text encoder disagree on the vocabulary size; cannot add {path}")
     # A new table with the rows appended (no random initialisation, so no RNG is consumed).
     weight = torch.cat([table.weight.detach(), vectors.to(table.weight.device, table.weight.dtype)])
-    text_encoder.set_input_embeddings(torch.nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight).requires_grad_(False))
+    text_encoder.set_input_embeddings(
+        torch.nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight).requires_grad_(False)
+    )
     text_encoder.config.vocab_size = weight.shape[0]
     return Embedding(token, tokens, str(path), file_sha256(path))
 

@@ -132,16 +132,19 @@ def test_detection_from_keys_and_shapes(preset):
     assert detect_architecture(tensors, {}, variant="sd2-v").unet["sample_size"] == 96
 
 
-def test_sd2_file_keeps_every_key_accounted_for():
-    """A real SD 2.x file has OpenCLIP's 24th layer and contrastive head; they are known, not unexpected."""
+@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+def test_release_files_have_every_key_accounted_for(preset):
+    """Release files also hold EMA and schedule buffers, CLIP's position ids, and (SD 2.x) OpenCLIP's
+    24th layer and contrastive head: known and unused, not unexpected. Shapes on the meta device."""
     from latentdiff.single_file import _build, account, model_rules
 
-    tensors = _meta_checkpoint("sd21")
-    arch = detect_architecture(tensors, {}, variant="sd2-v")
+    tensors = _meta_checkpoint(preset)
+    arch = detect_architecture(tensors, {})
     unet, vae, text, _ = _build(arch, empty=True)
-    extra = {"cond_stage_model.model.transformer.resblocks.23.ln_1.weight": None,
-             "cond_stage_model.model.text_projection": None, "model_ema.decay": None,
-             "alphas_cumprod": None}  # fmt: skip
+    extra = ["model_ema.decay", "model_ema.num_updates", "alphas_cumprod", "betas", "posterior_variance"]
+    extra += (["cond_stage_model.transformer.text_model.embeddings.position_ids"] if preset == "sd15" else
+              ["cond_stage_model.model.transformer.resblocks.23.ln_1.weight", "cond_stage_model.model.text_projection",
+               "cond_stage_model.model.logit_scale"])  # fmt: skip
     shapes = {(p, k): tuple(v.shape) for p, m in (("unet", unet), ("vae", vae), ("text_encoder", text))
               for k, v in m.state_dict().items()}  # fmt: skip
     report, _ = account({**tensors, **{k: torch.zeros(1) for k in extra}}, model_rules(unet, vae, text), shapes,
