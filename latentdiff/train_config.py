@@ -70,6 +70,8 @@ class RunConfig:
     gradient_accumulation: int = 1
     mixed_precision: str = "no"  # no, fp16, bf16
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the U-Net (and text encoder) forward; pays a compile at start
+    channels_last: bool = False  # U-Net activations in NHWC memory order (faster convolutions on GPUs)
     ema: bool = False
     ema_decay: float = 0.9999
     log_every: int = 10

@@ -257,8 +257,12 @@ class Trainer:
         if self.train_te and not lora.enabled:
             te.requires_grad_(True)
         self.trained_modules = ([unet] if train_unet else []) + ([te] if self.train_te else [])
+        if config.train.channels_last:
+            unet.to(memory_format=torch.channels_last)
         for module in self.trained_modules:
             module.train()
+            if config.train.compile:
+                module.compile()  # in place: names, state dicts and checkpoints stay those of the module
             if config.train.gradient_checkpointing:
                 if module is unet:
                     unet.enable_gradient_checkpointing()
