@@ -314,11 +314,12 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
                 f"{path} does not match {arch.name} ({arch.reason}): {summary}. Pass variant= (--variant) if the "
                 "architecture was guessed wrong, or strict=False to load what fits"
             )
-        if report.missing or report.mismatched:  # the tensors not in the file need initial values
-            unet, vae, text_encoder, tokenizer = _build(arch, empty=False)
-            parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    complete = not (report.missing or report.mismatched)  # every model tensor has a value from the file
+    if not complete:  # the others need initial values
+        unet, vae, text_encoder, tokenizer = _build(arch, empty=False)
+        parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     for name, module in parts.items():
-        module.load_state_dict(states[name], strict=report.clean, assign=report.clean)
+        module.load_state_dict(states[name], strict=complete, assign=complete)
         torch.nn.Module.to(module, dtype=dtype or torch.float32).eval().requires_grad_(False)  # (diffusers .to() warns)
     if not report.clean:
         print(f"latentdiff: {path} loaded with differences ({arch.name}, {arch.reason}):", file=sys.stderr)
@@ -356,7 +357,7 @@ def save_single_file(pipe, path: str | Path) -> Path:
         "unet": _plain(pipe.unet.config),
         "vae": _plain(pipe.vae.config),
         "text_encoder": {k: v for k, v in pipe.text_encoder.config.to_dict().items()
-                         if k not in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
+                         if not k.startswith("_") and k not in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
                                       "max_position_embeddings", "architectures", "dtype", "torch_dtype",
                                       "transformers_version", "model_type")},
         "scheduler": pipe.scheduler_config,

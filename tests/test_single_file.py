@@ -153,11 +153,12 @@ def test_release_files_have_every_key_accounted_for(preset):
     assert report.loaded == len(tensors) and sum(report.ignored.values()) == len(extra)
 
 
-def _edited(path: Path, out: Path, drop: str, add: str) -> Path:
+def _edited(path: Path, out: Path, drop: str | None, add: str) -> Path:
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = f.metadata()
-    del tensors[drop]
+    if drop is not None:
+        del tensors[drop]
     tensors[add] = torch.zeros(3)
     save_file(tensors, str(out), metadata)
     return out
@@ -181,6 +182,11 @@ def test_missing_and_unexpected_keys(tmp_path, capsys):
     assert main(["convert", str(bad), str(tmp_path / "out")]) == 2
     assert drop in capsys.readouterr().err
     assert main(["convert", str(bad), str(tmp_path / "out"), "--no-strict"]) == 0
+    # an extra key alone: every tensor comes from the file
+    extra = _edited(tmp_path / "t.safetensors", tmp_path / "extra.safetensors", None, add)
+    loaded = LatentDiffusion.from_single_file(extra, strict=False)
+    assert f"1 unexpected: {add}" in capsys.readouterr().err
+    _assert_same_weights(_states(tiny), _states(loaded))
 
 
 def test_convert_round_trips_are_identical(tiny, tiny_dir, tmp_path, capsys):
