@@ -16,7 +16,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,7 +30,9 @@ TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".
 
 @dataclass
 class DataConfig:
-    path: str = ""  # imagefolder (metadata.jsonl/.csv), images with .txt captions, a save_to_disk folder, or a table file
+    # an imagefolder (metadata.jsonl/.csv), images with .txt captions, a save_to_disk folder or a table
+    # file; or a list of those, trained on together
+    path: Union[str, list[str]] = ""
     image_column: str = "image"
     caption_column: str = "text"
     resolution: int = 512  # side of the square training size; buckets keep about this many pixels
@@ -55,20 +57,21 @@ class Record:
     captions: list[str]
     digest: str  # SHA-256 of the image bytes: part of every cache key
     path: Optional[str] = None  # file on disk, or
-    row: Optional[int] = None  # row of the table in ``Source.table``
+    row: Optional[int] = None  # row of table ``Source.tables[table]``
+    table: int = 0
 
 
 @dataclass
 class Source:
     records: list[Record]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
-    table: Any = None  # a datasets.Dataset whose image column is undecoded, when rows hold the bytes
-    image_column: str = ""  # that table's image column
+    tables: list[tuple[Any, str]] = field(default_factory=list)  # (datasets.Dataset, its undecoded image column)
 
     def image_bytes(self, record: Record) -> bytes:
         if record.path is not None:
             return Path(record.path).read_bytes()
-        return _cell_bytes(self.table[record.row][self.image_column])
+        table, column = self.tables[record.table]
+        return _cell_bytes(table[record.row][column])
 
     def image(self, record: Record) -> Image.Image:
         try:
@@ -94,14 +97,27 @@ def decode_image(data: bytes) -> Image.Image:
 
 def scan(config: DataConfig, progress: bool = True) -> Source:
     """Open the data at ``config.path`` and decode every image once; unreadable ones are skipped and listed."""
-    if not config.path:
+    paths = config.path if isinstance(config.path, list) else [config.path]
+    if not paths or not all(paths):
         raise InvalidInputError("data.path is empty: point it at a folder of captioned images or a dataset on disk")
-    root = Path(config.path).expanduser()
+    merged = Source([])
+    for path in paths:
+        part = _scan_one(path, config, progress)
+        for record in part.records:
+            record.table += len(merged.tables)
+        merged.records += part.records
+        merged.skipped += part.skipped
+        merged.tables += part.tables
+    return merged
+
+
+def _scan_one(path: str, config: DataConfig, progress: bool) -> Source:
+    root = Path(path).expanduser()
     if not root.exists():
         raise MissingFileError(f"training data {root} does not exist (data.path)")
     table = _open_table(root, config)
     if table is not None:
-        return _scan_table(table, config, progress)
+        return _scan_table(table, config, progress, str(root))
     return _scan_caption_files(root, config, progress)
 
 
@@ -177,7 +193,7 @@ def _cell_bytes(cell) -> bytes:
     raise ValueError(f"no image data in {type(cell).__name__}")
 
 
-def _scan_table(table, config: DataConfig, progress: bool) -> Source:
+def _scan_table(table, config: DataConfig, progress: bool, name: str) -> Source:
     import datasets
 
     image_col = "__path__" if "__path__" in table.column_names else config.image_column
@@ -193,7 +209,7 @@ def _scan_table(table, config: DataConfig, progress: bool) -> Source:
     limit = config.max_samples or len(table)
     for i in _progress(range(min(limit, len(table))), progress, "checking images"):
         row = table[i]
-        key = row[image_col] if isinstance(row[image_col], str) else f"row {i}"
+        key = row[image_col] if isinstance(row[image_col], str) else f"{name} row {i}"
         captions = _captions(row[config.caption_column])
         if captions is None:
             skipped.append((key, f"caption is not text: {row[config.caption_column]!r}"))
@@ -205,7 +221,7 @@ def _scan_table(table, config: DataConfig, progress: bool) -> Source:
             skipped.append((key, str(e) or type(e).__name__))
             continue
         records.append(Record(key, size, captions, _digest(data), row=i))
-    return Source(records, skipped, table, image_col)
+    return Source(records, skipped, [(table, image_col)])
 
 
 def _scan_caption_files(root: Path, config: DataConfig, progress: bool) -> Source:

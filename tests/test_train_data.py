@@ -112,6 +112,19 @@ def test_imagefolder_txt_disk_and_parquet_layouts_agree(tmp_path):
         assert all(source.image(r).size == r.size for r in source.records)
 
 
+def test_several_sources_train_together(tmp_path):
+    import datasets
+
+    write_jsonl(tmp_path / "a" / "metadata.jsonl", make_images(tmp_path / "a", 3))
+    rows = make_images(tmp_path / "b", 2)
+    table = datasets.Dataset.from_dict({"image": [str(tmp_path / "b" / r["file_name"]) for r in rows],
+                                        "text": ["from the table"] * 2}).cast_column("image", datasets.Image())  # fmt: skip
+    table.to_parquet(str(tmp_path / "b.parquet"))
+    source = scan(DataConfig(path=[str(tmp_path / "a"), str(tmp_path / "b.parquet")]), progress=False)
+    assert [r.captions[0] for r in source.records][-2:] == ["from the table"] * 2 and len(source.records) == 5
+    assert [source.image(r).size for r in source.records] == [r.size for r in source.records]
+
+
 def test_missing_column_is_a_clear_error(tmp_path):
     write_jsonl(tmp_path / "metadata.jsonl", make_images(tmp_path, 2))
     with pytest.raises(InvalidInputError, match="no column 'caption'.*data.caption_column"):
