@@ -1,10 +1,23 @@
-"""End-to-end text-to-image latency: latentdiff against diffusers' StableDiffusionPipeline.
+"""Text-to-image speed: latentdiff (default and fast path) against diffusers' StableDiffusionPipeline.
 
-Both run in one process on the *same* module objects (identical random weights of a preset),
-same scheduler, seeds, size and steps. Prints a table naming the device and writes JSON.
+All four run in one process on identical random weights of a preset (``from_preset(name, seed=0)``
+built once per variant, so compiling or fusing one never touches another), with the same
+scheduler, prompt, seeds, size and steps:
 
-    python benchmarks/inference.py --preset tiny                      # CPU, seconds
-    python benchmarks/inference.py --preset sd15 --device cuda --dtype float16 --steps 50
+- diffusers eager: ``StableDiffusionPipeline`` as its docs set it up;
+- diffusers compiled: the same with the U-Net in channels_last and ``torch.compile`` (default mode);
+- latentdiff default: ``LatentDiffusion`` as loaded (exact, not tuned);
+- latentdiff fast: ``pipe.optimize()`` (half precision on CUDA, channels_last, fused QKV,
+  compiled U-Net with CUDA graphs and compiled VAE decoder).
+
+Measured: end-to-end latency at batch 1 (median of ``--runs`` after ``--warmup``), images/s at
+``--batch``, one U-Net call with classifier-free guidance (batch 2) in ms and its MFU (FLOPs
+counted by ``torch.utils.flop_counter`` on the eager U-Net; peak from ``--peak-tflops`` or the
+device table below), peak memory (CUDA only), compile time, and the PSNR of latentdiff's fast
+image against diffusers' eager image for the same seed. Prints a table and writes JSON.
+
+    python benchmarks/inference.py --preset tiny                                   # CPU
+    python benchmarks/inference.py --preset sd15 --device cuda --dtype float16     # GPU, SD 1.5 shapes
 """
 
 from __future__ import annotations
@@ -13,11 +26,21 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# Dense half-precision tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+
+DIFFUSERS_EAGER = "diffusers eager"
+DIFFUSERS_COMPILED = "diffusers compiled U-Net"
+OURS_DEFAULT = "latentdiff default"
+OURS_FAST = "latentdiff fast"
 
 
 def device_name(device: str) -> str:
@@ -46,71 +69,187 @@ def timed(fn, runs: int, warmup: int, device: str) -> tuple[list[float], object]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two images with values in [0, 1]."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def main() -> None:
+def unet_flops(unet, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> int:
+    """FLOPs of one U-Net forward (2 per multiply-add), counted on the eager module."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(sample, t, encoder_hidden_states=embeds, return_dict=False)
+    return counter.get_total_flops()
+
+
+def peak_tflops(device: str, given: float | None) -> float | None:
+    if given is not None:
+        return given
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="random-weight architecture: tiny (CPU) or sd15 / sd21")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 on CPU")  # fmt: skip
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--size", type=int, default=None, help="square image side (default: the preset's)")
+    p.add_argument("--batch", type=int, default=16, help="batch size of the throughput measurement")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--unet-runs", type=int, default=20, help="U-Net calls timed for the step figure")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (eager: capture only)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (diffusers compiled is left out)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--json", default="benchmarks/results/inference.json")
+    return p.parse_args(argv)
+
+
+def build(args, dtype):
+    """The four variants, each on its own copy of the same weights."""
     from diffusers import StableDiffusionPipeline
 
     from latentdiff import LatentDiffusion
     from latentdiff.schedulers import make_scheduler
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scheduler", default="ddim")
-    p.add_argument("--size", type=int, default=None, help="square image side (default: the preset's)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", default="benchmarks/results/inference.json")
-    args = p.parse_args()
+    def ours():
+        return LatentDiffusion.from_preset(args.preset, seed=0).to(args.device, dtype)
 
-    dtype = getattr(torch, args.dtype)
-    pipe = LatentDiffusion.from_preset(args.preset).to(args.device, dtype)
-    size = args.size or pipe.default_size
-    reference = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        scheduler=make_scheduler(args.scheduler, pipe.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    reference.set_progress_bar_config(disable=True)
-    prompt, seeds = "a photograph of an astronaut riding a horse", list(range(args.batch))
+    def theirs(pipe):
+        ref = StableDiffusionPipeline(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+            scheduler=make_scheduler(args.scheduler, pipe.scheduler_config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        ref.set_progress_bar_config(disable=True)
+        return ref
+
+    default = ours()
+    eager = theirs(default)  # the default path changes nothing, so the two can share modules
+    variants = {DIFFUSERS_EAGER: eager, OURS_DEFAULT: default}
+    if not args.no_compile:
+        compiled = theirs(ours())
+        compiled.unet.to(memory_format=torch.channels_last)
+        compiled.unet = torch.compile(compiled.unet, backend=args.backend)  # diffusers' documented recipe
+        variants[DIFFUSERS_COMPILED] = compiled
+    variants[OURS_FAST] = ours().optimize(compile=not args.no_compile, backend=args.backend)
+    return variants
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    variants = build(args, dtype)
+    default = variants[OURS_DEFAULT]
+    size = args.size or default.default_size
+    prompt = "a photograph of an astronaut riding a horse"
     common = dict(num_inference_steps=args.steps, height=size, width=size, output_type="np")
+    cuda = args.device.startswith("cuda")
 
-    def run_diffusers():
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return reference([prompt] * args.batch, generator=gens, **common).images
+    def call(name, pipe, batch):
+        seeds = list(range(batch))
+        if name.startswith("diffusers"):
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            return lambda: pipe([prompt] * batch, generator=gens, **common).images
+        return lambda: pipe(prompt, num_images_per_prompt=batch, seed=seeds, scheduler=args.scheduler,
+                            progress=False, **common).images  # fmt: skip
 
-    def run_latentdiff():
-        return pipe(prompt, num_images_per_prompt=args.batch, seed=seeds, scheduler=args.scheduler,
-                    progress=False, **common).images  # fmt: skip
+    # one U-Net call with CFG: latents (2, 4, h, w), text (2, 77, D)
+    f = default.vae_scale_factor
+    sample = torch.randn(2, default.unet.config.in_channels, size // f, size // f).to(args.device, dtype)
+    embeds = torch.randn(2, default.tokenizer.model_max_length, default.text_encoder.config.hidden_size)
+    embeds = embeds.to(args.device, dtype)
+    t = torch.tensor(500, device=args.device)
+    flops = unet_flops(default.unet, sample, t, embeds)
+    peak = peak_tflops(args.device, args.peak_tflops)
 
-    rows = {}
-    images = {}
-    for name, fn in (("diffusers StableDiffusionPipeline", run_diffusers), ("latentdiff", run_latentdiff)):
-        times, images[name] = timed(fn, args.runs, args.warmup, args.device)
-        rows[name] = {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
-        rows[name]["images_per_s"] = args.batch / rows[name]["median_s"]
-    base = rows["diffusers StableDiffusionPipeline"]["median_s"]
-    agreement = psnr(*images.values())
+    rows, images = {}, {}
+    for name, pipe in variants.items():
+        row = {}
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        images[name] = call(name, pipe, 1)()  # first call: compiles where there is something to compile
+        row["first_call_s"] = time.perf_counter() - start
+        times, images[name] = timed(call(name, pipe, 1), args.runs, args.warmup, args.device)
+        row["median_s"], row["min_s"], row["runs"] = statistics.median(times), min(times), len(times)
+        row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+        batch_fn = call(name, pipe, args.batch)
+        batch_times, _ = timed(batch_fn, max(1, args.runs // 3), 1, args.device)
+        row["batch_images_per_s"] = args.batch / statistics.median(batch_times)
 
-    print(f"device: {device_name(args.device)}; torch {torch.__version__}; preset {args.preset}, "
-          f"{size}x{size}, {args.steps} {args.scheduler} steps, batch {args.batch}, {args.dtype}")  # fmt: skip
-    print(f"{'pipeline':<36}{'median s':>10}{'images/s':>10}{'speed-up':>10}")
-    for name, r in rows.items():
-        print(f"{name:<36}{r['median_s']:>10.4f}{r['images_per_s']:>10.2f}{base / r['median_s']:>9.2f}x")
-    print(f"agreement of the two images: PSNR {agreement:.1f} dB")
+        def unet_call(unet=pipe.unet):
+            with torch.no_grad():
+                return unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0]
 
+        step_times, _ = timed(unet_call, args.unet_runs, 3, args.device)
+        row["unet_step_ms"] = 1000 * statistics.median(step_times)
+        row["mfu"] = flops / (row["unet_step_ms"] / 1000) / (peak * 1e12) if peak else None
+        if name == OURS_FAST:
+            row["compile_report"] = [str(r) for r in pipe.compile_report]
+        rows[name] = row
+
+    eager_s = rows[DIFFUSERS_EAGER]["median_s"]
+    compiled_s = rows.get(DIFFUSERS_COMPILED, {}).get("median_s")
+    for row in rows.values():
+        row["speedup_vs_diffusers_eager"] = eager_s / row["median_s"]
+        row["speedup_vs_diffusers_compiled"] = compiled_s / row["median_s"] if compiled_s else None
+    agreement = psnr(images[OURS_FAST], images[DIFFUSERS_EAGER])
+    result = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "latentdiff": _version("latentdiff"),
+        "command": "python benchmarks/inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
+        "size": size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "unet_tflop_per_cfg_step": flops / 1e12,
+        "peak_tflops": peak,
+        "results": rows,
+        "psnr_fast_vs_diffusers_eager_db": agreement,
+    }
+    print_table(result, args)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "device": device_name(args.device), "torch": torch.__version__, "args": vars(args), "size": size,
-        "results": rows, "psnr_db": agreement,
-    }, indent=2))  # fmt: skip
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def print_table(result: dict, args) -> None:
+    print(f"device: {result['device']}; torch {result['torch']}, diffusers {result['diffusers']}; preset "
+          f"{args.preset}, {result['size']}x{result['size']}, {args.steps} {args.scheduler} steps, {result['dtype']}")  # fmt: skip
+    mfu_note = "" if result["peak_tflops"] else " (MFU: no peak known for this device; pass --peak-tflops)"
+    print(f"U-Net with CFG: {result['unet_tflop_per_cfg_step'] * 1e3:.3f} GFLOP per step{mfu_note}")
+    head = f"{'pipeline':<27}{'bs1 median s':>13}{'vs eager':>9}{'vs comp.':>9}{f'bs{args.batch} img/s':>12}"
+    print(head + f"{'U-Net ms':>10}{'MFU':>7}{'peak GB':>9}{'1st call s':>11}")
+    for name, r in result["results"].items():
+        vs_compiled = f"{r['speedup_vs_diffusers_compiled']:.2f}x" if r["speedup_vs_diffusers_compiled"] else "-"
+        mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
+        print(f"{name:<27}{r['median_s']:>13.4f}{r['speedup_vs_diffusers_eager']:>8.2f}x{vs_compiled:>9}"
+              f"{r['batch_images_per_s']:>12.2f}{r['unet_step_ms']:>10.2f}{mfu:>7}{mem:>9}{r['first_call_s']:>11.1f}")  # fmt: skip
+    print(f"PSNR of latentdiff fast vs diffusers eager, same seed: {result['psnr_fast_vs_diffusers_eager_db']:.1f} dB")
+    for line in result["results"][OURS_FAST].get("compile_report", []):
+        print(f"  {line}")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 if __name__ == "__main__":

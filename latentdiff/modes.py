@@ -12,6 +12,8 @@ from functools import lru_cache
 import torch
 
 from .sampling import Inpaint, initial_latents
+from .vae import decode_unscaled
+from .vae import encode as vae_encode
 
 
 def img2img_start(pipe, images, size: tuple[int, int], generators, sched, steps: int, strength: float):
@@ -37,7 +39,7 @@ def img2img_start(pipe, images, size: tuple[int, int], generators, sched, steps:
 def encode_sample(pipe, pixels: torch.Tensor, generators) -> torch.Tensor:
     """Scaled latents of (B, 3, H, W) pixels in [-1, 1]: a posterior sample, eps from each
     image's generator (its next draw), as diffusers' pipelines encode with generators."""
-    posterior = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist  # (B, C, h, w)
+    posterior = vae_encode(pipe.vae, pixels, getattr(pipe, "vae_options", None))  # (B, C, h, w); tiled when large
     eps = initial_latents(generators, tuple(posterior.mean.shape[1:]), device=pipe.device, dtype=posterior.mean.dtype)
     return ((posterior.mean + posterior.std * eps) * pipe.vae.config.scaling_factor).to(pipe.unet.dtype)
 
@@ -78,8 +80,9 @@ def known_pixels(pipe, images, masks, size):
     f = pipe.vae_scale_factor
     pixels = pixel_processor(f).preprocess(images, height=size[0], width=size[1])
     mask_px = mask_processor(f).preprocess(masks, height=size[0], width=size[1])
-    mean = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
-    return mask_px.to(pipe.device), pipe.vae.decode(mean, return_dict=False)[0]
+    options = getattr(pipe, "vae_options", None)
+    mean = vae_encode(pipe.vae, pixels, options).mean
+    return mask_px.to(pipe.device), decode_unscaled(pipe.vae, mean, options)
 
 
 def strength_timesteps(sched, steps: int, strength: float) -> torch.Tensor:

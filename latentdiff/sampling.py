@@ -103,9 +103,18 @@ def denoise(
         channels = channels if uncond is None else torch.cat([channels, channels])
     extra = step_kwargs(scheduler, generators, eta)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
-    for i, t in enumerate(tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False)):
+    # No host-device sync inside the loop: the scheduler and the callback read the timesteps from
+    # one host copy made here (its tables are on the host, so indexing them with a device tensor,
+    # or `t >= 0` on one, would wait for the GPU every step); the U-Net gets them on its device.
+    # The values are the same, so this changes no result.
+    host_timesteps = timesteps.cpu()
+    device_timesteps = timesteps.to(latents.device)
+    _set_begin_index(scheduler, host_timesteps)
+    loop = tqdm(range(len(host_timesteps)), desc="denoising", unit="step", disable=not progress, leave=False)
+    for i in loop:
+        t, t_host = device_timesteps[i], host_timesteps[i]
         model_in = latents if uncond is None else torch.cat([latents, latents])
-        model_in = scheduler.scale_model_input(model_in, t)
+        model_in = scheduler.scale_model_input(model_in, t_host)
         if channels is not None:
             model_in = torch.cat([model_in, channels], dim=1)
         eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
@@ -114,12 +123,30 @@ def denoise(
             eps = eps_u + guidance_scale * (eps_c - eps_u)
             if guidance_rescale > 0:
                 eps = rescale_guidance(eps, eps_c, guidance_rescale)
-        latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        latents = scheduler.step(eps, t_host, latents, **extra, return_dict=False)[0]
         if inpaint is not None and inpaint.masked_latents is None:  # 4-channel: known region back
             known = inpaint.image_latents
             if i < len(timesteps) - 1:
                 known = scheduler.add_noise(known, inpaint.noise, timesteps[i + 1 : i + 2])
             latents = (1 - inpaint.mask) * known + inpaint.mask * latents
         if callback is not None:
-            callback(i, int(t), latents)
+            callback(i, int(t_host), latents)
     return latents
+
+
+def _set_begin_index(scheduler, host_timesteps: torch.Tensor) -> None:
+    """Tell an index-tracking scheduler where the run starts, so its first ``step`` does not search
+    its (device) timestep table with ``nonzero().item()``, a sync.
+
+    Set only where the search has one answer (the first timestep occurs once in the schedule),
+    which is then exactly the index diffusers would find; image-to-image sets it beforehand.
+    """
+    if not hasattr(scheduler, "set_begin_index") or getattr(scheduler, "begin_index", 0) is not None:
+        return
+    if len(host_timesteps) == 0:
+        return
+    whole = len(host_timesteps) == len(scheduler.timesteps)  # the run is the whole schedule: no second copy
+    schedule = host_timesteps if whole else scheduler.timesteps.cpu()
+    matches = (schedule == host_timesteps[0]).nonzero().flatten()
+    if len(matches) == 1:
+        scheduler.set_begin_index(int(matches[0]))
