@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     default = variants[OURS_DEFAULT]
     size = args.size or default.default_size
     prompt = "a photograph of an astronaut riding a horse"
-    common = dict(num_inference_steps=args.steps, height=size, width=size, output_type="np")
+    common = {"num_inference_steps": args.steps, "height": size, "width": size, "output_type": "np"}
     cuda = args.device.startswith("cuda")
 
     def call(name, pipe, batch):

@@ -27,7 +27,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
@@ -45,12 +45,12 @@ class FastOptions:
     """Switches of the fast path; the defaults are what ``pipe.optimize()`` and ``--fast`` do."""
 
     compile: bool = True
-    dtype: Optional[str] = None  # "float16" / "bfloat16" / "float32"; None: float16 on CUDA if float32 now
+    dtype: str | None = None  # "float16" / "bfloat16" / "float32"; None: float16 on CUDA if float32 now
     channels_last: bool = True
     fuse_qkv: bool = True
     compile_vae: bool = True
-    mode: Optional[str] = None  # U-Net compile mode; None: "reduce-overhead" on CUDA, else the default
-    vae_mode: Optional[str] = None  # VAE decoder compile mode; None: the default mode
+    mode: str | None = None  # U-Net compile mode; None: "reduce-overhead" on CUDA, else the default
+    vae_mode: str | None = None  # VAE decoder compile mode; None: the default mode
     backend: str = "inductor"  # "eager" / "aot_eager" check the graph capture without code generation
     fullgraph: bool = False  # True: fail instead of splitting the U-Net graph (a test asserts it needs no split)
 
@@ -127,7 +127,7 @@ def _hooked_projections(net: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for n, m in net.named_modules() if n.endswith(names))
 
 
-def _target_dtype(name: Optional[str], device: torch.device, current: torch.dtype) -> torch.dtype:
+def _target_dtype(name: str | None, device: torch.device, current: torch.dtype) -> torch.dtype:
     if name is not None:
         return DTYPES[name]
     if device.type == "cuda" and current == torch.float32:
@@ -135,7 +135,7 @@ def _target_dtype(name: Optional[str], device: torch.device, current: torch.dtyp
     return current
 
 
-def _compile(pipe, name: str, module: torch.nn.Module, mode: Optional[str], options: FastOptions) -> None:
+def _compile(pipe, name: str, module: torch.nn.Module, mode: str | None, options: FastOptions) -> None:
     # The compiled function replaces the instance's forward: state_dict, config and the module
     # itself stay as they are (saving, hashing and diffusers' code see the plain module).
     module.forward = CompiledForward(name, module, pipe.compile_report, mode, options)
@@ -149,7 +149,7 @@ class CompiledForward:
     in a buffer the next replay overwrites, so they are cloned (one latent-sized copy per step).
     """
 
-    def __init__(self, name: str, module: torch.nn.Module, report: list, mode: Optional[str], options: FastOptions):
+    def __init__(self, name: str, module: torch.nn.Module, report: list, mode: str | None, options: FastOptions):
         self.name = name
         self.eager = module.forward
         self.param = next(module.parameters())

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 
@@ -84,7 +84,7 @@ def tiled(vae, options: VaeOptions, on: bool) -> Iterator[None]:
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, options: Optional[VaeOptions] = None) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, options: VaeOptions | None = None) -> torch.Tensor:
     """Scaled latents z_0 (B, C, h, w) -> pixels (B, 3, H, W) in about [-1, 1].
 
     z is divided by the VAE's ``scaling_factor`` (and shifted by ``shift_factor`` where the VAE has
@@ -98,7 +98,7 @@ def decode(vae, latents: torch.Tensor, options: Optional[VaeOptions] = None) -> 
 
 
 @torch.no_grad()
-def decode_unscaled(vae, z: torch.Tensor, options: Optional[VaeOptions] = None) -> torch.Tensor:
+def decode_unscaled(vae, z: torch.Tensor, options: VaeOptions | None = None) -> torch.Tensor:
     """Latents as the VAE makes them (not multiplied by ``scaling_factor``) -> pixels (B, 3, H, W)."""
     options = options or VaeOptions()
     f = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -117,7 +117,7 @@ def decode_unscaled(vae, z: torch.Tensor, options: Optional[VaeOptions] = None) 
 
 
 @torch.no_grad()
-def encode(vae, pixels: torch.Tensor, options: Optional[VaeOptions] = None):
+def encode(vae, pixels: torch.Tensor, options: VaeOptions | None = None):
     """Pixels (B, 3, H, W) in [-1, 1] -> the posterior (diffusers' ``DiagonalGaussianDistribution``,
     unscaled), tiled above the size threshold; a non-finite half-precision result is redone in fp32."""
     options = options or VaeOptions()

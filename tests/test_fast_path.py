@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from latentdiff import InvalidInputError, LatentDiffusion
 from latentdiff.cli import main
 from latentdiff.presets import PRESETS
@@ -22,7 +23,7 @@ from latentdiff.sampling import denoise, make_generators
 from latentdiff.schedulers import SAMPLERS, make_scheduler
 
 TOLERANCE = 1e-4
-RUN = dict(num_inference_steps=3, seed=[11, 12], output_type="np", progress=False)
+RUN = {"num_inference_steps": 3, "seed": [11, 12], "output_type": "np", "progress": False}
 PROMPTS = ["a red apple", "a lighthouse at dusk"]
 
 
@@ -142,7 +143,6 @@ def test_the_meta_check_catches_a_sync():
 
 def test_cli_fast_flag(tmp_path, monkeypatch, capsys, tiny):
     import torch._dynamo
-
     from PIL import Image
 
     # Dynamo's official off switch (TORCH_COMPILE_DISABLE): the CLI path runs, without 40 s of codegen.

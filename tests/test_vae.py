@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+
 from latentdiff import InvalidInputError, LatentDiffusion
 from latentdiff.presets import PRESETS
 from latentdiff.vae import VaeOptions, decode, encode, wants_tiling
