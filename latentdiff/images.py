@@ -1,4 +1,4 @@
-"""Input images for image-to-image: read any common file, convert it to 8-bit RGB, say what was done."""
+"""Pictures in and out: input images for image-to-image (read, convert to 8-bit RGB, hash) and grids."""
 
 from __future__ import annotations
 
@@ -77,3 +77,18 @@ def load_inputs(image, num_prompts: int, what: str = "image"):
     if len({im.size for im in loaded}) > 1:
         warnings.warn(f"the {what}s differ in size; all are resized to the output size", stacklevel=3)
     return loaded, names
+
+
+def grid(images, columns: int):
+    """Equal-sized images (PIL or uint8 (H, W, 3) arrays) pasted row by row into one PIL image."""
+    from PIL import Image
+
+    images = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
+    if not images or columns < 1:
+        raise InvalidInputError("grid needs at least one image and at least one column")
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (min(columns, len(images)) * w, rows * h), (255, 255, 255))
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    return sheet

@@ -136,6 +136,50 @@ PRESETS: dict[str, Preset] = {
         },
         scheduler=_SD_SCHEDULER,
     ),
+    # The embedded default model's architecture (latentdiff/assets/default_model): the `small` layout
+    # cut to fit 25 MB in fp16 with its tokenizer (~10M parameters, most of them the 64-wide token
+    # embedding of the full CLIP vocabulary), and a DDIM scheduler config for v-prediction with
+    # zero terminal SNR, which is how it is trained (training/configs/default-model.toml).
+    "mini": Preset(
+        name="mini",
+        unet={
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "block_out_channels": [64, 128, 128],
+            "layers_per_block": 1,
+            "cross_attention_dim": 64,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        vae={
+            **_SD_VAE,
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "block_out_channels": [32, 64, 64],
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+            "sample_size": 64,
+        },
+        text_encoder={
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "projection_dim": 64,
+            "hidden_act": "quick_gelu",
+        },
+        scheduler={
+            **_SD_SCHEDULER,
+            "_class_name": "DDIMScheduler",
+            "prediction_type": "v_prediction",
+            "rescale_betas_zero_snr": True,
+            "timestep_spacing": "trailing",
+            "set_alpha_to_one": False,
+        },
+    ),
     "sd15": Preset(
         name="sd15",
         unet={**_SD_UNET_BLOCKS, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},

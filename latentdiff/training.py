@@ -27,6 +27,7 @@ from .config import to_dict, to_toml
 from .data import BucketBatches, TrainDataset, assign_buckets, scan, skipped_report
 from .errors import InvalidInputError, MissingFileError
 from .fileio import atomic_write
+from .images import grid
 from .objective import diffusion_loss, draw_global, inference_scheduler_config, noise_scheduler_for, step_seed
 from .train_config import TrainConfig, check_config
 
@@ -459,16 +460,16 @@ class Trainer:
         gathered = made if self.sharded else sorted(gather_object(made), key=lambda item: item[0])
         if not self.main:
             return
-        grid = _grid([image for _, image in gathered], columns=len(val.seeds))
+        sheet = grid([image for _, image in gathered], columns=len(val.seeds))
         folder = self.out / "validation"
         folder.mkdir(exist_ok=True)
         with atomic_write(folder / f"step-{step:08d}.png") as f:
-            grid.save(f, format="PNG")
+            sheet.save(f, format="PNG")
         if self.tensorboard:
             import numpy as np
 
             self.accelerator.get_tracker("tensorboard", unwrap=True).add_image(
-                "validation", np.asarray(grid), step, dataformats="HWC"
+                "validation", np.asarray(sheet), step, dataformats="HWC"
             )
 
     def save_checkpoint(self, step: int, epoch: int, position: int, micro: int) -> None:
@@ -594,17 +595,6 @@ def _gathered(acc, module, states, prepared):
 
 def _step_of(checkpoint: Path) -> int:
     return int(checkpoints.PATTERN.match(checkpoint.name).group(1))
-
-
-def _grid(images, columns: int):
-    from PIL import Image
-
-    rows = -(-len(images) // columns)
-    h, w = images[0].shape[:2]
-    grid = Image.new("RGB", (columns * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(Image.fromarray(image), ((i % columns) * w, (i // columns) * h))
-    return grid
 
 
 def _flat_scalars(tree: dict, prefix: str = "") -> dict[str, Any]:
