@@ -1,4 +1,4 @@
-"""The ``latentdiff`` command: generate, info, schedules.
+"""The ``latentdiff`` command: generate, batch, info, schedules, convert, data, eval, train.
 
 User mistakes (bad arguments, missing or damaged files) print one ``latentdiff: error: ...``
 line and exit with status 2; no traceback.

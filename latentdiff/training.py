@@ -57,9 +57,15 @@ class Trainer:
     """One training run. Kept as an object only so its steps can be read one method at a time."""
 
     def __init__(self, config: TrainConfig):
+        import torch.distributed as dist
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration
 
+        if not (dist.is_available() and dist.is_initialized()):
+            # A single process may train several times (notebooks, tests) with other precision settings;
+            # accelerate keeps its state process-wide and refuses a change, so start it afresh.
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.config = config
         self.out = Path(config.train.output_dir).expanduser().resolve()
         run = config.train
@@ -122,9 +128,12 @@ class Trainer:
         self.prepare(optimizer, lr_scheduler)
 
         step, epoch, position, micro = 0, 0, 0, 0
+        self.elapsed_before = 0.0
+        self.started = time.perf_counter()
         if resume_from is not None:
             state = checkpoints.load(acc, resume_from, strict=not config.lora.enabled)
             step, epoch, position, micro = state["step"], state["epoch"], state["position"], state["micro_step"]
+            self.elapsed_before = state.get("seconds", 0.0)
             if state.get("seed") != config.train.seed or state.get("world_batch") != self.global_batch:
                 raise InvalidInputError(
                     f"{resume_from} was made with train.seed={state.get('seed')} and a global batch of "
@@ -138,7 +147,6 @@ class Trainer:
         interval_loss = torch.zeros((), device=self.device)
         interval_count, interval_start, interval_images = 0, time.perf_counter(), 0
         grad_norm = None
-        started = time.perf_counter()
         while step < run.max_steps:
             batches.epoch, batches.start = epoch, position
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, **loader_kwargs)
@@ -189,7 +197,7 @@ class Trainer:
         if resume_from is None or step > _step_of(resume_from):
             self.save_checkpoint(step, epoch, position, micro)
         self.validate(step)
-        self.save_outputs(step, time.perf_counter() - started)
+        self.save_outputs(step, self.elapsed_before + time.perf_counter() - self.started)
         acc.end_training()
         self.result.steps = step
         return self.result
@@ -481,6 +489,7 @@ class Trainer:
             "seed": self.config.train.seed,  # the data order and noise derive from it
             "world_batch": self.global_batch,
             "processes": self.world,
+            "seconds": self.elapsed_before + time.perf_counter() - self.started,  # training time, all sessions
         }
         path = checkpoints.save(self.accelerator, self.out, step, state, to_toml(self.config), self.config.checkpoint.keep)
         self.say(f"saved {path.name}")
@@ -496,7 +505,8 @@ class Trainer:
             pipe = self.inference_pipe()
             if full is not None:  # whole weights gathered from the shards, into plain copies of the modules
                 pipe.unet, pipe.text_encoder = (_gathered(acc, m, full, self.trained_modules) for m in (self.unet, self.text_encoder))
-            card = model_card(self.config, step, seconds, len(self.source.records), len(self.source.skipped), self.world)
+            self.result.steps = step
+            card = model_card(self.config, self.result, seconds, len(self.source.records), self.world)
             if self.config.lora.enabled:
                 from peft.utils import get_peft_model_state_dict
 
@@ -544,27 +554,48 @@ def load_vae(path: str):
     return AutoencoderKL.from_pretrained(folder, local_files_only=True)
 
 
-def model_card(config: TrainConfig, steps: int, seconds: float, images: int, skipped: int, processes: int) -> str:
+def model_card(config: TrainConfig, result: TrainResult, seconds: float, images: int, processes: int) -> str:
+    """The model folder's README.md: what it was trained from, on what, how long, with what settings."""
+    import sys
+
     from . import __version__
 
     kind = "LoRA adapter" if config.lora.enabled else ("fine-tuned" if config.model.path else "trained from scratch")
     base = config.model.path or f"random weights of preset '{config.model.preset}' (seed {config.model.init_seed})"
-    return f"""# latentdiff model ({kind})
+    rows = [
+        ("base", base),
+        ("data", f"{config.data.path}: {images} images used, {len(result.skipped)} skipped"),
+        ("steps", f"{result.steps} optimizer steps, global batch {config.train.batch_size * processes * config.train.gradient_accumulation}"),
+        ("training time", f"{seconds / 60:.1f} min (all sessions of the run)"),
+        ("hardware", f"{hardware()}, {processes} process(es), mixed precision {config.train.mixed_precision}"),
+        ("library", f"latentdiff {__version__}, torch {torch.__version__}"),
+    ]  # fmt: skip
+    if result.losses:
+        rows.append(("last logged loss", f"{result.losses[-1]:.4f}"))
+    if result.vae_psnr is not None:
+        rows.append(("VAE held-out PSNR", f"{result.vae_psnr:.2f} dB"))
+    lines = [f"# latentdiff model ({kind})", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    licences = _data_licences(config.data.path)
+    if licences:
+        lines += ["## Data and licences", "", *licences, ""]
+    command = " ".join(["latentdiff train", *sys.argv[1:]]) if sys.argv[0].endswith("latentdiff") else " ".join(sys.argv)
+    lines += ["## How it was made", "", f"`{command}` with this resolved configuration:", "", "```toml", to_toml(config) + "```", ""]
+    return "\n".join(lines)
 
-| | |
-|---|---|
-| base | {base} |
-| data | {config.data.path}: {images} images used, {skipped} skipped |
-| steps | {steps} optimizer steps, global batch {config.train.batch_size * processes * config.train.gradient_accumulation} |
-| time | {seconds / 60:.1f} min this session |
-| hardware | {hardware()}, {processes} process(es), mixed precision {config.train.mixed_precision} |
-| library | latentdiff {__version__}, torch {torch.__version__} |
 
-Made with `latentdiff train` / `training/train.py`. The resolved configuration:
-
-```toml
-{to_toml(config)}```
-"""
+def _data_licences(paths) -> list[str]:
+    """One line per data source that says where it came from and its licence (from a builder's dataset.json)."""
+    lines = []
+    for path in paths if isinstance(paths, list) else [paths]:
+        for folder in (Path(path), Path(path).parent):
+            info = folder / "dataset.json"
+            if info.is_file():
+                meta = json.loads(info.read_text())
+                lines.append(f"- `{path}`: {meta.get('source', '?')} Licence: {meta.get('licence', 'unknown')}.")
+                break
+        else:
+            lines.append(f"- `{path}`: no dataset.json; source and licence not recorded")
+    return lines
 
 
 def hardware() -> str:

@@ -270,3 +270,27 @@ def test_lora_run_writes_a_small_adapter_that_the_pipeline_loads(shapes, tiny_di
     assert np.abs(adapted - plain).max() > 1e-3  # the adapter changes the image
     base.set_lora_scale(report.name, 0.0)
     assert np.array_equal(base("a red circle", **kwargs).images[0], plain)  # scale 0 is the base model
+
+
+# -- precision and memory options ------------------------------------------------------------------
+
+
+def test_bf16_gradient_checkpointing_and_tensorboard(shapes, tmp_path):
+    pytest.importorskip("tensorboard")
+    result = train(config(shapes, tmp_path / "bf16", "train.mixed_precision='bf16'", "train.gradient_checkpointing=true",
+                          "model.train_text_encoder=false", "train.max_steps=2", "train.log_every=1", "checkpoint.every=0",
+                          "validation.prompts=['a red circle']", "train.tensorboard=true"))  # fmt: skip
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    events = list((tmp_path / "bf16" / "logs").rglob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 0
+
+
+def test_8bit_adam_without_bitsandbytes_says_what_to_install(shapes, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(Exception, match="pip install bitsandbytes"):
+        train(config(shapes, tmp_path / "adam8", "optim.use_8bit_adam=true", "train.max_steps=1"))
