@@ -154,6 +154,8 @@ class LatentDiffusion:
                     "(from_pretrained(PATH), --model PATH) or random weights (from_preset('tiny'), --preset tiny)"
                 )
             path = DEFAULT_MODEL_DIR
+            # shipped in float16 to stay small; computed in float32 unless asked (CPUs lack fast fp16)
+            dtype = torch.float32 if dtype is None else dtype
         if Path(path).is_file():
             return cls.from_single_file(path, dtype=dtype)
         parts = components.load_folder(path, dtype=dtype, variant=variant)

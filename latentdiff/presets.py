@@ -56,6 +56,32 @@ _SD_UNET_BLOCKS = {
 }
 
 
+# The from-scratch presets' shared layout for 64x64 images with 16x16x4 latents.
+_SMALL_UNET = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [64, 128, 128],
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+_SMALL_VAE = {
+    **_SD_VAE,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "sample_size": 64,
+}
+
+
+def _text_encoder(width: int, layers: int) -> dict[str, Any]:
+    return {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
+            "num_attention_heads": 4, "projection_dim": width, "hidden_act": "quick_gelu"}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything needed to build one architecture with random weights."""
@@ -105,35 +131,9 @@ PRESETS: dict[str, Preset] = {
     # 6-layer text encoder over the full CLIP vocabulary. About 27M parameters in all.
     "small": Preset(
         name="small",
-        unet={
-            "sample_size": 16,
-            "in_channels": 4,
-            "out_channels": 4,
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "block_out_channels": [64, 128, 128],
-            "layers_per_block": 2,
-            "cross_attention_dim": 256,
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
-        },
-        vae={
-            **_SD_VAE,
-            "down_block_types": ["DownEncoderBlock2D"] * 3,
-            "up_block_types": ["UpDecoderBlock2D"] * 3,
-            "block_out_channels": [32, 64, 64],
-            "layers_per_block": 1,
-            "norm_num_groups": 32,
-            "sample_size": 64,
-        },
-        text_encoder={
-            "hidden_size": 256,
-            "intermediate_size": 1024,
-            "num_hidden_layers": 6,
-            "num_attention_heads": 4,
-            "projection_dim": 256,
-            "hidden_act": "quick_gelu",
-        },
+        unet={**_SMALL_UNET, "layers_per_block": 2, "cross_attention_dim": 256},
+        vae=_SMALL_VAE,
+        text_encoder=_text_encoder(256, 6),
         scheduler=_SD_SCHEDULER,
     ),
     # The embedded default model's architecture (latentdiff/assets/default_model): the `small` layout
@@ -142,35 +142,9 @@ PRESETS: dict[str, Preset] = {
     # zero terminal SNR, which is how it is trained (training/configs/default-model.toml).
     "mini": Preset(
         name="mini",
-        unet={
-            "sample_size": 16,
-            "in_channels": 4,
-            "out_channels": 4,
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "block_out_channels": [64, 128, 128],
-            "layers_per_block": 1,
-            "cross_attention_dim": 64,
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
-        },
-        vae={
-            **_SD_VAE,
-            "down_block_types": ["DownEncoderBlock2D"] * 3,
-            "up_block_types": ["UpDecoderBlock2D"] * 3,
-            "block_out_channels": [32, 64, 64],
-            "layers_per_block": 1,
-            "norm_num_groups": 32,
-            "sample_size": 64,
-        },
-        text_encoder={
-            "hidden_size": 64,
-            "intermediate_size": 256,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "projection_dim": 64,
-            "hidden_act": "quick_gelu",
-        },
+        unet={**_SMALL_UNET, "layers_per_block": 1, "cross_attention_dim": 64},
+        vae=_SMALL_VAE,
+        text_encoder=_text_encoder(64, 4),
         scheduler={
             **_SD_SCHEDULER,
             "_class_name": "DDIMScheduler",
