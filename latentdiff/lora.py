@@ -102,6 +102,11 @@ class LoraSet:
             raise InvalidInputError(
                 f"a LoRA named {name!r} is already loaded; pass another name= or unload_lora() first"
             )
+        if any(getattr(m, "fused_projections", False) for net in (pipe.unet, pipe.text_encoder) for m in net.modules()):
+            # fused attention reads to_qkv, so hooks on to_q / to_k / to_v would silently do nothing
+            raise InvalidInputError(
+                "this pipeline's attention projections are fused (optimize() / --fast); load LoRAs before optimizing"
+            )
         tensors, metadata = read_tensor_file(path)
         pairs, unreadable = _read_pairs(tensors, metadata)
         modules = {"unet": _targets(pipe.unet, "unet"), "text_encoder": _targets(pipe.text_encoder, "text_encoder")}

@@ -263,6 +263,13 @@ def test_batch_passes_loras_and_keeps_runs_apart(trained_lora, tmp_path):
     assert main(args) == 2  # the same folder without the LoRA is another run
 
 
+def test_lora_after_fused_projections_is_refused(trained_lora):
+    pipe = _fresh()
+    pipe.unet.fuse_qkv_projections()  # what optimize() does; hooks on to_q would never run
+    with pytest.raises(InvalidInputError, match="load LoRAs before optimizing"):
+        pipe.load_lora(trained_lora)
+
+
 def test_lora_spec_parsing():
     assert parse_lora_spec("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
     assert parse_lora_spec("a/b.safetensors") == ("a/b.safetensors", 1.0)
