@@ -34,6 +34,20 @@ def split_holdout(count: int, holdout: int, seed: int) -> tuple[list[int], list[
     return kept, held
 
 
+def start_nearly_deterministic(vae, log_variance: float = -8.0) -> None:
+    """Shift the initial posterior log-variance to ``log_variance`` (std ~ 0.02 for -8).
+
+    A freshly initialised encoder outputs log-variance ~ 0, so the decoder first sees latents
+    drowned in unit noise and can only learn the mean image; with the KL weight as small as latent
+    diffusion uses it, it takes thousands of steps to shrink that noise. Starting from a small
+    posterior variance (the encoder may still grow it) makes the stage learn from the first step.
+    """
+    quant = getattr(vae, "quant_conv", None)
+    layer = quant if quant is not None else vae.encoder.conv_out  # the layer that outputs (mean, logvar)
+    with torch.no_grad():
+        layer.bias[vae.config.latent_channels :] += log_variance
+
+
 def psnr(reference: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [-1, 1], shape (B, 3, H, W): 10 log10(1 / MSE) on the [0, 1] scale."""
     mse = ((reference.float().clamp(-1, 1) - image.float().clamp(-1, 1)) / 2).pow(2).mean(dim=(1, 2, 3))
@@ -52,6 +66,8 @@ def train_vae(trainer) -> Path:
     vae = trainer.pipe.vae
     vae.requires_grad_(True).train()
     torch.nn.Module.to(vae, trainer.device, dtype=torch.float32)
+    if not config.model.vae_path and not (folder.is_dir() and checkpoints.complete(folder)):
+        start_nearly_deterministic(vae)
     records = trainer.source.records
     kept, held = split_holdout(len(records), stage.holdout, config.train.seed)
     size = (config.data.resolution, config.data.resolution)
