@@ -155,9 +155,9 @@ def main(argv=None) -> dict:
 
     def call(name, pipe, batch):
         seeds = list(range(batch))
-        if name.startswith("diffusers"):
-            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            return lambda: pipe([prompt] * batch, generator=gens, **common).images
+        if name.startswith("diffusers"):  # fresh generators every call: the same noise every run
+            return lambda: pipe([prompt] * batch, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                                **common).images  # fmt: skip
         return lambda: pipe(prompt, num_images_per_prompt=batch, seed=seeds, scheduler=args.scheduler,
                             progress=False, **common).images  # fmt: skip
 
