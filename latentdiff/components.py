@@ -87,10 +87,15 @@ def _weights_file(root: Path, part: str, variant: Optional[str]) -> Path:
 
 
 def load_folder(path: str | Path, dtype: Optional[torch.dtype] = None, variant: Optional[str] = None) -> dict[str, Any]:
-    """Load every part of a model folder; no network is used."""
+    """Load every part of a model folder; no network is used.
+
+    ``dtype`` None means float32 for all three networks, whatever the files hold: left alone,
+    diffusers upcasts half-precision files while transformers keeps them, and the parts disagree.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    dtype = torch.float32 if dtype is None else dtype
     root = check_folder(path, variant)
     common = {"local_files_only": True, "variant": variant}
     loaders = {

@@ -150,12 +150,10 @@ class LatentDiffusion:
         if path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise MissingFileError(
-                    "this latentdiff build has no embedded default model yet; pass a model folder "
+                    f"this latentdiff build has no embedded default model ({DEFAULT_MODEL_DIR} is missing); pass a model folder "
                     "(from_pretrained(PATH), --model PATH) or random weights (from_preset('tiny'), --preset tiny)"
                 )
-            path = DEFAULT_MODEL_DIR
-            # shipped in float16 to stay small; computed in float32 unless asked (CPUs lack fast fp16)
-            dtype = torch.float32 if dtype is None else dtype
+            path = DEFAULT_MODEL_DIR  # shipped in float16 to stay small; loaded in float32 unless asked
         if Path(path).is_file():
             return cls.from_single_file(path, dtype=dtype)
         parts = components.load_folder(path, dtype=dtype, variant=variant)

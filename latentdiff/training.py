@@ -282,6 +282,8 @@ class Trainer:
         weight_dtype = WEIGHT_DTYPES[config.train.mixed_precision]
         if not self.train_te:
             te.to(self.device, dtype=weight_dtype)
+        if unet not in self.trained_modules:  # a text-encoder-only run still runs the frozen U-Net
+            unet.to(self.device, dtype=weight_dtype)
         # (torch's .to: diffusers' own warns about fp32-only modules even when the VAE lists none)
         torch.nn.Module.to(vae, self.device, dtype=torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
         params = [p for m in self.trained_modules for p in m.parameters() if p.requires_grad]

@@ -145,11 +145,10 @@ def test_missing_folder_says_what_to_give(tmp_path):
         LatentDiffusion.from_pretrained(tmp_path / "nowhere")
 
 
-def test_no_default_model_yet_is_a_clear_error():
-    from latentdiff.pipeline import DEFAULT_MODEL_DIR
+def test_a_build_without_the_default_model_says_what_to_give(tmp_path, monkeypatch):
+    import latentdiff.pipeline
 
-    if (DEFAULT_MODEL_DIR / "model_index.json").exists():
-        pytest.skip("this build embeds a default model")
+    monkeypatch.setattr(latentdiff.pipeline, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
     with pytest.raises(MissingFileError, match="--preset tiny"):
         LatentDiffusion.from_pretrained()
 

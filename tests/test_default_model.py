@@ -1,0 +1,57 @@
+"""The embedded default model: shipped in the package, small, loaded when no model is named, and the
+same model to diffusers' own pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from latentdiff import LatentDiffusion
+from latentdiff.cli import main as cli
+from latentdiff.metadata import read_recipe
+from latentdiff.pipeline import DEFAULT_MODEL_DIR
+
+
+def test_the_folder_is_complete_small_and_documented():
+    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 1024 * 1024
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert len(weights) == 3
+    card = (DEFAULT_MODEL_DIR / "README.md").read_text()
+    for needed in ("CC-BY 4.0", "CC0", "accelerate launch training/train.py --config training/configs/default-model.toml",
+                   "latentdiff eval", "PSNR"):  # fmt: skip
+        assert needed in card, needed
+    index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_no_path_loads_it_in_float32():
+    pipe = LatentDiffusion.from_pretrained()
+    assert pipe.source["path"] == str(DEFAULT_MODEL_DIR.resolve())
+    # the files hold float16; every part must come out float32 (diffusers and transformers differ here)
+    for loaded in (pipe, LatentDiffusion.from_pretrained(DEFAULT_MODEL_DIR)):
+        assert {p.dtype for m in (loaded.unet, loaded.vae, loaded.text_encoder) for p in m.parameters()} == {torch.float32}
+    half = LatentDiffusion.from_pretrained(dtype=torch.float16)
+    assert {p.dtype for m in (half.unet, half.vae, half.text_encoder) for p in m.parameters()} == {torch.float16}
+
+
+def test_diffusers_makes_the_same_image_from_the_same_seed():
+    from diffusers import StableDiffusionPipeline
+
+    ours = LatentDiffusion.from_pretrained()
+    theirs = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR, torch_dtype=torch.float32, local_files_only=True,
+                                                     safety_checker=None, requires_safety_checker=False)  # fmt: skip
+    theirs.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 4, "guidance_scale": 5.0}
+    a = ours("red apple", seed=11, output_type="np", **kwargs).images[0]
+    b = theirs("red apple", generator=torch.Generator().manual_seed(11), output_type="np", **kwargs).images[0]
+    assert a.shape == (64, 64, 3) and np.abs(a - b).max() < 1e-4
+
+
+def test_cli_without_a_model_uses_it(tmp_path):
+    out = tmp_path / "apple.png"
+    assert cli(["generate", "red apple", "--steps", "2", "--seed", "1", "-o", str(out), "--no-progress"]) == 0
+    recipe = read_recipe(out)
+    assert recipe["prompt"] == "red apple" and recipe["model"]["path"] == str(DEFAULT_MODEL_DIR.resolve())
