@@ -126,6 +126,7 @@ class Trainer:
         optimizer, lr_scheduler = self.make_optimizer(trainables)
         self.ema = self.make_ema(trainables)
         self.prepare(optimizer, lr_scheduler)
+        optimizer = self.optimizer  # accelerate's wrapper: it skips the step while gradients accumulate, and scales fp16
 
         step, epoch, position, micro = 0, 0, 0, 0
         self.elapsed_before = 0.0

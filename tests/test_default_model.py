@@ -41,7 +41,7 @@ def test_diffusers_makes_the_same_image_from_the_same_seed():
     from diffusers import StableDiffusionPipeline
 
     ours = LatentDiffusion.from_pretrained()
-    theirs = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR, torch_dtype=torch.float32, local_files_only=True,
+    theirs = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32, local_files_only=True,
                                                      safety_checker=None, requires_safety_checker=False)  # fmt: skip
     theirs.set_progress_bar_config(disable=True)
     kwargs = {"num_inference_steps": 4, "guidance_scale": 5.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -294,3 +295,14 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install(shapes, tmp_path):
         pass
     with pytest.raises(Exception, match="pip install bitsandbytes"):
         train(config(shapes, tmp_path / "adam8", "optim.use_8bit_adam=true", "train.max_steps=1"))
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_global_batch(shapes, tmp_path):
+    result = train(config(shapes, tmp_path / "accum", "train.gradient_accumulation=2", "train.batch_size=1",
+                          "train.max_steps=2", "checkpoint.every=0", "train.ema=false"))  # fmt: skip
+    assert result.steps == 2
+    folder = tmp_path / "accum" / "checkpoint-00000002"
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert (state["micro_step"], state["world_batch"]) == (4, 2)
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {2}  # Adam stepped twice, not four times
