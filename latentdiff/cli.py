@@ -302,9 +302,12 @@ def _batch(args) -> int:
         ),
     )  # fmt: skip
     try:
-        return run_batch(config)
-    finally:
-        _end_process_group()
+        code = run_batch(config)
+    except BaseException:
+        _end_process_group(clean=False)
+        raise
+    _end_process_group(clean=True)
+    return code
 
 
 def _train(args) -> int:
@@ -313,8 +316,10 @@ def _train(args) -> int:
 
     try:
         result = train(TrainConfig.load(args.config, args.set))
-    finally:
-        _end_process_group()
+    except BaseException:
+        _end_process_group(clean=False)
+        raise
+    _end_process_group(clean=True)
     if result.main_process:
         print(f"done: {result.steps} steps; result in {result.lora_file or result.model_dir or result.output_dir}")
     return 0
@@ -370,12 +375,16 @@ def _convert(args) -> int:
     return 0
 
 
-def _end_process_group() -> None:
+def _end_process_group(clean: bool) -> None:
     """Tear down torch.distributed before exit: left to interpreter shutdown, gloo can abort
-    the process ("terminate called without an active exception")."""
+    the process ("terminate called without an active exception"). After a clean run every rank
+    first meets at a barrier, so no rank tears its connections down while a peer still uses them
+    (a rank that failed skips it: its peers may never arrive)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
