@@ -49,9 +49,13 @@ def start_nearly_deterministic(vae, log_variance: float = -8.0) -> None:
 
 
 def psnr(reference: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1], shape (B, 3, H, W): 10 log10(1 / MSE) on the [0, 1] scale."""
-    mse = ((reference.float().clamp(-1, 1) - image.float().clamp(-1, 1)) / 2).pow(2).mean(dim=(1, 2, 3))
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+    """Per-image PSNR in dB for images in [-1, 1], shape (B, 3, H, W) (``evaluate.psnr`` on the [0, 1] scale)."""
+    from .evaluate import psnr as psnr01
+
+    def unit(x: torch.Tensor):
+        return ((x.detach().float().clamp(-1, 1) + 1) / 2).cpu().numpy()
+
+    return torch.from_numpy(psnr01(unit(reference), unit(image))).float()
 
 
 def train_vae(trainer) -> Path:
