@@ -307,6 +307,35 @@ def _fits(module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool
     return all(s == 1 for s in down.shape[2:]) and all(s == 1 for s in up.shape[2:])
 
 
+# -- training adapters (peft) ---------------------------------------------------------------------
+
+
+def add_lora_adapter(module: torch.nn.Module, *, rank: int, alpha: float, targets, dropout: float = 0.0) -> torch.nn.Module:
+    """Add a trainable peft LoRA adapter to ``module`` (a U-Net or text encoder) in place.
+
+    Calls ``peft.inject_adapter_in_model``, not diffusers' / transformers' ``add_adapter``:
+    those wrappers gate on their own peft floor (transformers 5.24 refuses every peft below
+    0.22, newer than the index served), while the injection they wrap works with any peft
+    >= ``compat.PEFT_FOR_LORA``. Only the adapter's parameters are left trainable; B starts at
+    zero and A Gaussian, so the adapted module starts equal to the base.
+    """
+    from .compat import PEFT_FOR_LORA, DependencyError, require, versions
+
+    require("peft", PEFT_FOR_LORA, "LoRA training")
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        init_lora_weights="gaussian")  # fmt: skip
+    try:
+        inject_adapter_in_model(config, module)
+    except ValueError as e:
+        if "target modules" in str(e).lower():
+            raise InvalidInputError(f"LoRA targets {list(targets)} match no layer of the {type(module).__name__}: {e}") from e
+        stack = ", ".join(f"{k} {v}" for k, v in versions(("peft", "transformers", "diffusers")).items())
+        raise DependencyError(f"peft could not add a LoRA adapter with {stack}: {e}") from e
+    return module
+
+
 # -- writing (the trainer's output) ----------------------------------------------------------------
 
 

@@ -255,13 +255,12 @@ class Trainer:
         train_unet = config.model.train_unet or lora.enabled
         self.train_te = config.model.train_text_encoder
         if lora.enabled:
-            from peft import LoraConfig
+            from .lora import add_lora_adapter
 
-            unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                        target_modules=list(lora.unet_targets), init_lora_weights="gaussian"))  # fmt: skip
+            add_lora_adapter(unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.unet_targets)
             if self.train_te:
-                te.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                          target_modules=list(lora.text_encoder_targets), init_lora_weights="gaussian"))  # fmt: skip
+                add_lora_adapter(te, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                 targets=lora.text_encoder_targets)  # fmt: skip
         elif train_unet:
             unet.requires_grad_(True)
         if self.train_te and not lora.enabled:

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from latentdiff import InvalidInputError, LatentDiffusion
 from latentdiff.cli import main
-from latentdiff.lora import parse_lora_spec, save_lora
+from latentdiff.lora import add_lora_adapter, parse_lora_spec, save_lora
 from latentdiff.metadata import read_recipe
 
 _BASE: list = []
@@ -48,14 +48,12 @@ def _unet_out(unet, x, c):
 @pytest.fixture(scope="module")
 def peft_models():
     """The tiny U-Net and text encoder with a peft LoRA adapter whose B is random (so it does something)."""
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     base = _fresh()
     unet, text = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
-    unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"])
-    )
-    text.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+    add_lora_adapter(unet, rank=4, alpha=8, targets=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"])
+    add_lora_adapter(text, rank=2, alpha=2, targets=["q_proj", "v_proj"])
     g = torch.Generator().manual_seed(1)
     for model in (unet, text):
         for name, p in model.named_parameters():
