@@ -1,7 +1,7 @@
 """Typed dataclass configs filled from TOML plus ``--set key=value`` overrides.
 
 A config is a tree of dataclasses whose leaves are ``bool``, ``int``, ``float``, ``str``, lists of
-those, or ``Optional`` of those. Unknown keys and values of the wrong type are errors that name the
+those, ``Optional`` of those, or free-form tables (``dict[str, Any]``, for architecture overrides). Unknown keys and values of the wrong type are errors that name the
 dotted key, so a typo such as ``optim.lr_shedule`` fails at start-up instead of being ignored.
 """
 
@@ -91,6 +91,10 @@ def _coerce(kind, value, key: str):
         if not isinstance(value, list):
             raise InvalidInputError(f"config key {key} must be a list of {_describe(item_kind)}, got {value!r}")
         return [_coerce(item_kind, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # a free-form table (e.g. architecture overrides): string keys, TOML values
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise InvalidInputError(f"config key {key} must be a table of settings, got {value!r}")
+        return dict(value)
     if kind is Any:
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):

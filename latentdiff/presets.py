@@ -200,15 +200,24 @@ def get_preset(name: str) -> Preset:
         raise InvalidInputError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-def build_components(name: str, seed: int = 0) -> dict[str, Any]:
+def build_components(name: str, seed: int = 0, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Random-weight components of preset ``name``; the same ``seed`` gives the same weights.
 
-    The caller's global RNG state is left untouched (weights are drawn inside ``fork_rng``).
+    ``overrides`` ({"unet": {...}, "vae": {...}, "text_encoder": {...}}) replace single entries of the
+    preset's configs (a from-scratch training run's ``[model.unet_config]`` etc.). The caller's global
+    RNG state is left untouched (weights are drawn inside ``fork_rng``).
     """
+    from dataclasses import replace
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     preset = get_preset(name)
+    for part, values in (overrides or {}).items():
+        if part not in ("unet", "vae", "text_encoder"):
+            raise InvalidInputError(f"architecture overrides name unet, vae or text_encoder, not {part!r}")
+        if values:
+            preset = replace(preset, **{part: {**getattr(preset, part), **values}})
     tokenizer = load_clip_tokenizer(**preset.tokenizer)
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),

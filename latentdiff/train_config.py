@@ -7,6 +7,7 @@ that cannot work before any model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import load_config
 from .data import DataConfig
@@ -25,6 +26,11 @@ class ModelConfig:
     vae_path: str = ""  # take the VAE from this folder (a diffusers model folder or a bare AutoencoderKL folder)
     train_unet: bool = True
     train_text_encoder: bool = False
+    # From scratch only: entries that replace the preset's diffusers / transformers config entries,
+    # e.g. [model.vae_config] norm_num_groups = 8 (how the default model's recipe was searched)
+    unet_config: dict[str, Any] = field(default_factory=dict)
+    vae_config: dict[str, Any] = field(default_factory=dict)
+    text_encoder_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,7 +71,7 @@ class OptimConfig:
 class RunConfig:
     output_dir: str = "runs/latentdiff"
     seed: int = 0
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps; 0 = stop after the VAE stage
     batch_size: int = 4  # per process; global batch = batch_size * processes * gradient_accumulation
     gradient_accumulation: int = 1
     mixed_precision: str = "no"  # no, fp16, bf16
@@ -136,7 +142,9 @@ def check_config(config: TrainConfig) -> None:
     need(obj.prediction_type in ("",) + PREDICTION_TYPES, f"objective.prediction_type must be one of {PREDICTION_TYPES}")
     need(opt.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {LR_SCHEDULES}, got {opt.lr_schedule!r}")
     need(run.mixed_precision in MIXED_PRECISION, f"train.mixed_precision must be one of {MIXED_PRECISION}")
-    for key, value in [("train.max_steps", run.max_steps), ("train.batch_size", run.batch_size),
+    need(run.max_steps >= 0, f"train.max_steps must be 0 (the VAE stage only) or more, got {run.max_steps}")
+    need(run.max_steps > 0 or config.vae.steps > 0, "train.max_steps = 0 runs only the VAE stage; set vae.steps too")
+    for key, value in [("train.batch_size", run.batch_size),
                        ("train.gradient_accumulation", run.gradient_accumulation), ("train.log_every", run.log_every),
                        ("data.resolution", data.resolution), ("data.bucket_step", data.bucket_step),
                        ("objective.num_train_timesteps", obj.num_train_timesteps)]:  # fmt: skip
@@ -150,6 +158,9 @@ def check_config(config: TrainConfig) -> None:
     need(config.model.train_unet or config.model.train_text_encoder or config.lora.enabled,
          "nothing to train: set model.train_unet or model.train_text_encoder, or lora.enabled")  # fmt: skip
     need(config.checkpoint.keep >= 1, "checkpoint.keep must be at least 1")
+    need(not (config.model.path and (config.model.unet_config or config.model.vae_config or config.model.text_encoder_config)),
+         "model.unet_config / vae_config / text_encoder_config change a from-scratch architecture; "
+         "they cannot apply to a pretrained model.path")  # fmt: skip
     need(not (config.lora.enabled and not config.model.path),
          "lora.enabled needs a pretrained model (model.path): LoRA adapts existing weights")  # fmt: skip
     if config.vae.steps:

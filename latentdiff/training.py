@@ -120,6 +120,9 @@ class Trainer:
             from .vae_training import train_vae
 
             self.pipe.vae = load_vae(str(train_vae(self)))
+            if config.train.max_steps == 0:  # the VAE stage alone (its folder is <output_dir>/vae)
+                acc.end_training()
+                return self.result
         trainables = self.setup_modules()
         self.fill_cache()
         batches, loader_kwargs = self.make_batches()
@@ -212,7 +215,11 @@ class Trainer:
         if model.path:
             pipe = LatentDiffusion.from_pretrained(model.path)
         else:
-            pipe = LatentDiffusion.from_preset(model.preset, seed=model.init_seed)
+            from .presets import build_components
+
+            overrides = {"unet": model.unet_config, "vae": model.vae_config, "text_encoder": model.text_encoder_config}
+            pipe = LatentDiffusion(**build_components(model.preset, model.init_seed, overrides),
+                                   source={"preset": model.preset, "seed": model.init_seed})  # fmt: skip
         if model.vae_path:
             pipe.vae = load_vae(model.vae_path)
         return pipe

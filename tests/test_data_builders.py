@@ -15,7 +15,7 @@ from latentdiff.cli import main
 from PIL import Image
 
 CAPTION = re.compile(r"^an? (\w+) (\w+) (in the top left|at the top|in the top right|on the left|in the center|"
-                     r"on the right|in the bottom left|at the bottom|in the bottom right) on a (\w+) background$")  # fmt: skip
+                     r"on the right|in the bottom left|at the bottom|in the bottom right) on an? (\w+) background$")  # fmt: skip
 PHRASES = {words: name for name, (_, _, words) in POSITIONS.items()}
 
 
@@ -49,6 +49,8 @@ def test_shapes_captions_match_columns_and_pixels(shapes_dir):
     for split in ("train", "test"):
         for row in read_split(shapes_dir, split):
             colour, shape, phrase, background = CAPTION.match(row["text"]).groups()
+            for article, word in re.findall(r"\b(an?) (\w+)", row["text"]):  # "an orange", "a red"
+                assert (article == "an") == (word[0] in "aeiou"), row["text"]
             assert (colour, shape, PHRASES[phrase], background) == _combo(row)
             assert colour != background and shape in SHAPES
             pixels = np.asarray(Image.open(row["path"]).convert("RGB"), dtype=int)

@@ -62,12 +62,15 @@ class Combo:
 
     @property
     def caption(self) -> str:
-        article = "an" if self.colour[0] in "aeiou" else "a"
-        return f"{article} {self.colour} {self.shape} {POSITIONS[self.position][2]} on a {self.background} background"
+        return f"{_article(self.colour)} {self.colour} {self.shape} {POSITIONS[self.position][2]} on {_article(self.background)} {self.background} background"
 
     @property
     def columns(self) -> dict[str, str]:
         return {"colour": self.colour, "shape": self.shape, "position": self.position, "background": self.background}
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def all_combos() -> list[Combo]:
