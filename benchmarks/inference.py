@@ -117,7 +117,7 @@ def build(args, dtype):
     from diffusers import StableDiffusionPipeline
 
     from latentdiff import LatentDiffusion
-    from latentdiff.schedulers import make_scheduler
+    from latentdiff.generation.samplers import make_scheduler
 
     def ours():
         return LatentDiffusion.from_preset(args.preset, seed=0).to(args.device, dtype)

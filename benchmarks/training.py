@@ -4,7 +4,7 @@ example writes it, on the same U-Net shapes, cached latents and batch.
 - plain loop: the U-Net under bf16 autocast (fp32 on CPU), MSE on epsilon, ``torch.optim.AdamW``
   with its default implementation, the loss gathered and turned into a Python float every step
   (``.item()``), as the example logs it;
-- latentdiff: ``latentdiff.training.train`` on a synthetic captioned image folder with
+- latentdiff: ``latentdiff.train.loop.train`` on a synthetic captioned image folder with
   ``data.cache = true`` (latents and caption embeddings encoded once, read from disk by the data
   loader), timed from its own log once warm; with ``--compile`` also with ``train.compile`` and
   ``train.channels_last``;
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import _version, device_name, peak_tflops, sync, unet_flops  # noqa: E402  (the shared helpers)
 
 from latentdiff import LatentDiffusion  # noqa: E402
-from latentdiff.train_config import TrainConfig  # noqa: E402
-from latentdiff.training import train  # noqa: E402
+from latentdiff.train.config import TrainConfig  # noqa: E402
+from latentdiff.train.loop import train  # noqa: E402
 
 PLAIN = "plain loop (diffusers example style)"
 OURS = "latentdiff trainer"

@@ -9,7 +9,7 @@ import argparse
 
 from latentdiff import LatentDiffusion
 from latentdiff.fileio import atomic_write
-from latentdiff.images import grid
+from latentdiff.generation.images import grid
 
 PROMPTS = [
     "red apple",

@@ -1,9 +1,20 @@
-"""latentdiff: Stable-Diffusion-style latent text-to-image generation, offline and reproducible."""
+"""latentdiff: Stable-Diffusion-style latent text-to-image generation, offline and reproducible.
 
-__version__ = "0.1.0"
+The root is lazy (PEP 562): ``import latentdiff`` and ``latentdiff --help`` import neither torch
+nor diffusers nor transformers; ``latentdiff.LatentDiffusion`` imports the pipeline on first use.
+"""
 
-from .errors import InvalidInputError, LatentDiffusionError, MissingFileError  # noqa: E402
-from .pipeline import GenerationResult, LatentDiffusion, call_kwargs  # noqa: E402
+from importlib import import_module
+
+from ._version import __version__
+from .errors import InvalidInputError, LatentDiffusionError, MissingFileError
+
+# name -> module that defines it, imported when the name is first read
+_LAZY = {
+    "LatentDiffusion": ".generation.pipeline",
+    "GenerationResult": ".generation.pipeline",
+    "call_kwargs": ".generation.pipeline",
+}
 
 __all__ = [
     "GenerationResult",
@@ -14,3 +25,15 @@ __all__ = [
     "call_kwargs",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later reads do not come back here
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -40,9 +40,9 @@ def _factor(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .presets import PRESETS
-    from .schedulers import SAMPLERS
+    from ._version import __version__
+    from .generation.samplers import SAMPLERS
+    from .models.architectures import PRESETS
 
     parser = _Parser(prog="latentdiff", description="Latent text-to-image diffusion, offline and reproducible.")
     parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
@@ -187,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _load(model: Optional[str], preset: Optional[str], preset_seed: int = 0, variant: Optional[str] = None):
-    from .pipeline import LatentDiffusion
+    from .generation.pipeline import LatentDiffusion
 
     if preset is not None:
         return LatentDiffusion.from_preset(preset, seed=preset_seed)
@@ -214,9 +214,9 @@ def _device(name: Optional[str]) -> str:
 
 
 def _generate(args) -> int:
-    from .metadata import read_recipe
-    from .pipeline import call_kwargs, prepare_output
-    from .single_file import VARIANTS
+    from .generation.pipeline import call_kwargs, prepare_output
+    from .generation.recipe import read_recipe
+    from .models.single_file import VARIANTS
 
     request: dict = {}
     recipe: dict = {}
@@ -279,7 +279,7 @@ def _generate(args) -> int:
 
 
 def _batch(args) -> int:
-    from .batch import BatchConfig, Defaults, run_batch
+    from .batch.local import BatchConfig, Defaults, run_batch
 
     width, height = args.size if args.size is not None else (None, None)
     config = BatchConfig(
@@ -311,8 +311,8 @@ def _batch(args) -> int:
 
 
 def _train(args) -> int:
-    from .train_config import TrainConfig
-    from .training import train
+    from .train.config import TrainConfig
+    from .train.loop import train
 
     try:
         result = train(TrainConfig.load(args.config, args.set))
@@ -326,7 +326,7 @@ def _train(args) -> int:
 
 
 def _lora_specs(specs) -> list[tuple[str, float]]:
-    from .lora import parse_lora_spec
+    from .models.lora import parse_lora_spec
 
     return [parse_lora_spec(s) for s in specs or []]
 
@@ -337,7 +337,7 @@ def _apply_loras(pipe, specs, recorded) -> None:
         for path, scale in _lora_specs(specs):
             pipe.load_lora(path, scale=scale)
         return
-    from .safe_load import file_sha256
+    from .models.safe_load import file_sha256
 
     for entry in recorded:
         path = entry.get("path")
@@ -351,8 +351,8 @@ def _apply_loras(pipe, specs, recorded) -> None:
 
 
 def _convert(args) -> int:
-    from .pipeline import LatentDiffusion
-    from .single_file import SINGLE_FILE_SUFFIXES
+    from .generation.pipeline import LatentDiffusion
+    from .models.single_file import SINGLE_FILE_SUFFIXES
 
     source = Path(args.input)
     if source.is_file():
@@ -399,7 +399,7 @@ def _warn_if_remake_differs(recipe: dict, pipe) -> None:
         reasons.append(f"it was made in a batch of {recipe['batch_size']} and is remade alone (pixels may differ by 1 level)")
     for key, hash_key in (("image", "image_hash"), ("mask_image", "mask_hash")):
         if recipe.get(key) and Path(recipe[key]).is_file():
-            from .images import image_hash, load_image
+            from .generation.images import image_hash, load_image
 
             if image_hash(load_image(recipe[key])) != recipe.get(hash_key):
                 reasons.append(f"the input {recipe[key]} has changed since")
@@ -434,7 +434,7 @@ def _info(args) -> int:
 
 
 def _schedules(args) -> int:
-    from .schedulers import NOISE_SCHEDULES, alphas_cumprod, log_snr, plot_schedules
+    from .generation.samplers import NOISE_SCHEDULES, alphas_cumprod, log_snr, plot_schedules
 
     T = args.timesteps
     if T < 2:
@@ -454,7 +454,7 @@ def _schedules(args) -> int:
 
 
 def _data(args) -> int:
-    from .builders import build
+    from .data.builders import build
 
     options = {"size": args.size, "count": args.count, "seed": args.seed, "source": args.source,
                "font": args.font, "skin_tones": args.skin_tones}  # fmt: skip

@@ -26,11 +26,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .builders import read_dataset_info, read_split
-from .builders.shapes import COLOURS, POSITIONS, SHAPES, draw_shape
+from .checks import check_float, positive_int
+from .data.builders import read_dataset_info, read_split
+from .data.builders.shapes import COLOURS, POSITIONS, SHAPES, draw_shape
 from .errors import InvalidInputError, MissingFileError
 from .fileio import atomic_write
-from .validation import check_float, positive_int
 
 ATTRIBUTES = ("colour", "shape", "position", "background")
 PSNR_CAP_DB = 100.0  # identical images would give infinity, which JSON cannot hold
@@ -286,7 +286,7 @@ def evaluate(config: EvalConfig, pipe=None) -> dict[str, Any]:
             raise InvalidInputError(f"two {kind} data sets given ({kinds[kind]}, {folder}); give one of each kind")
         kinds[kind] = folder
     if pipe is None:
-        from .pipeline import LatentDiffusion
+        from .generation.pipeline import LatentDiffusion
 
         pipe = LatentDiffusion.from_pretrained(config.model)
         if config.device:

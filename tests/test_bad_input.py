@@ -67,7 +67,7 @@ def test_lcm_distilled_unet_is_refused_clearly():
     from diffusers import UNet2DConditionModel
 
     from latentdiff import LatentDiffusion
-    from latentdiff.presets import PRESETS, build_components
+    from latentdiff.models.architectures import PRESETS, build_components
 
     parts = build_components("tiny")
     parts["unet"] = UNet2DConditionModel(**PRESETS["tiny"].unet, time_cond_proj_dim=8)

@@ -16,9 +16,9 @@ from PIL import Image
 
 from conftest import free_port
 
-from latentdiff.batch import Defaults, Row, expand, image_seed, read_rows
+from latentdiff.batch.local import Defaults, Row, expand, image_seed, read_rows
 from latentdiff.cli import main
-from latentdiff.metadata import read_recipe
+from latentdiff.generation.recipe import read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [
@@ -297,7 +297,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
 
 def test_a_failing_batch_is_retried_image_by_image(tiny, tmp_path):
     """Out of memory (or any other failure) in one batch: retry alone, record only what still fails."""
-    from latentdiff.batch import _make
+    from latentdiff.batch.local import _make
 
     class Flaky:
         def __init__(self):

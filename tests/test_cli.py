@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from latentdiff.cli import main
-from latentdiff.metadata import PNG_KEY, read_recipe
+from latentdiff.generation.recipe import PNG_KEY, read_recipe
 
 
 def run(capsys, *argv):
@@ -168,7 +168,7 @@ def test_unwritable_output_is_one_line(capsys, tmp_path):
 
 
 def test_recipe_without_model_says_so(capsys, tmp_path):
-    from latentdiff.metadata import save_png
+    from latentdiff.generation.recipe import save_png
 
     path = save_png(Image.new("RGB", (8, 8)), tmp_path / "r.png", {"prompt": "x", "seed": 1})
     code, _, err = run(capsys, "generate", "--from-png", str(path))

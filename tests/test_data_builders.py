@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from latentdiff.builders import build, read_dataset_info, read_split
-from latentdiff.builders.shapes import COLOURS, POSITIONS, SHAPES, split_combos
+from latentdiff.data.builders import build, read_dataset_info, read_split
+from latentdiff.data.builders.shapes import COLOURS, POSITIONS, SHAPES, split_combos
 from latentdiff.cli import main
 from PIL import Image
 
@@ -166,7 +166,7 @@ def test_missing_package_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_noto_renders_single_glyphs_only():
-    from latentdiff.builders.emojis import NOTO_FONT, NOTO_STRIKE, noto_glyph
+    from latentdiff.data.builders.emojis import NOTO_FONT, NOTO_STRIKE, noto_glyph
     from PIL import ImageFont
 
     if not NOTO_FONT.is_file():

@@ -38,7 +38,7 @@ def test_require_names_the_pair_and_the_fix(monkeypatch):
 def test_lora_with_too_old_peft_is_one_line_before_any_work(monkeypatch, tiny):
     real = compat.installed
     monkeypatch.setattr(compat, "installed", lambda name: "0.10.0" if name == "peft" else real(name))
-    from latentdiff.lora import add_lora_adapter
+    from latentdiff.models.lora import add_lora_adapter
 
     with pytest.raises(DependencyError, match=r"LoRA training needs peft >= .*peft 0\.10\.0 is installed"):
         add_lora_adapter(tiny.text_encoder, rank=2, alpha=2, targets=["q_proj"])
@@ -51,7 +51,7 @@ def test_lora_injects_with_the_installed_stack(tiny):
 
     import torch
 
-    from latentdiff.lora import add_lora_adapter
+    from latentdiff.models.lora import add_lora_adapter
 
     text = copy.deepcopy(tiny.text_encoder)
     add_lora_adapter(text, rank=2, alpha=2, targets=["q_proj", "v_proj"])

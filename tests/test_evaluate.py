@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from latentdiff.builders import build, read_split
-from latentdiff.builders.shapes import COLOURS
+from latentdiff.data.builders import build, read_split
+from latentdiff.data.builders.shapes import COLOURS
 from latentdiff.cli import main
 from latentdiff.evaluate import (
     ATTRIBUTES,

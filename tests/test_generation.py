@@ -20,9 +20,9 @@ from diffusers import (
 )
 
 from latentdiff import LatentDiffusion
-from latentdiff.presets import build_components
-from latentdiff.sampling import initial_latents, make_generators
-from latentdiff.tokenizer import load_clip_tokenizer
+from latentdiff.models.architectures import build_components
+from latentdiff.generation.sampling import initial_latents, make_generators
+from latentdiff.models.tokenizer import load_clip_tokenizer
 
 # The reference's scheduler for each of our names, written out independently of our registry.
 REFERENCE_SCHEDULERS = {

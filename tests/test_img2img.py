@@ -152,7 +152,7 @@ def test_hires_latent_mode(tiny):
 
 def test_recipes_that_cannot_remake_say_so(tiny):
     from latentdiff import call_kwargs
-    from latentdiff.prompts import encode_prompts
+    from latentdiff.generation.prompts import encode_prompts
 
     from_pil = tiny("x", image=picture(), seed=1, num_inference_steps=1, output_type="latent").params[0]
     with pytest.raises(InvalidInputError, match="image was given as an image object"):

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 from PIL import Image
 
 from latentdiff import InvalidInputError, LatentDiffusion
-from latentdiff.presets import PRESETS, build_components
+from latentdiff.models.architectures import PRESETS, build_components
 from test_generation import REFERENCE_SCHEDULERS
 from test_img2img import picture
 

@@ -146,9 +146,9 @@ def test_missing_folder_says_what_to_give(tmp_path):
 
 
 def test_a_build_without_the_default_model_says_what_to_give(tmp_path, monkeypatch):
-    import latentdiff.pipeline
+    import latentdiff.generation.pipeline
 
-    monkeypatch.setattr(latentdiff.pipeline, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+    monkeypatch.setattr(latentdiff.generation.pipeline, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
     with pytest.raises(MissingFileError, match="--preset tiny"):
         LatentDiffusion.from_pretrained()
 

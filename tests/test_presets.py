@@ -7,7 +7,7 @@ import torch
 from accelerate import init_empty_weights
 
 from latentdiff import InvalidInputError, LatentDiffusion
-from latentdiff.presets import PRESETS, build_components
+from latentdiff.models.architectures import PRESETS, build_components
 
 # Parameter counts of the released Stable Diffusion checkpoints (diffusers layout).
 PUBLISHED = {

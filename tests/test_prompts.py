@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.prompts import count_chunks, encode_prompts, parse_weights, tokenize_prompt
+from latentdiff.generation.prompts import count_chunks, encode_prompts, parse_weights, tokenize_prompt
 
 
 def clip_encode(pipe, ids: list[int], skip: int = 0) -> torch.Tensor:

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from latentdiff import InvalidInputError, LatentDiffusion
 from latentdiff.cli import main
-from latentdiff.single_file import detect_architecture, original_state_dict
+from latentdiff.models.single_file import detect_architecture, original_state_dict
 
 STEPS = 2
 
@@ -102,7 +102,7 @@ def _meta_checkpoint(preset: str) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from latentdiff.presets import PRESETS
+    from latentdiff.models.architectures import PRESETS
 
     p = PRESETS[preset]
     with init_empty_weights():
@@ -136,7 +136,7 @@ def test_detection_from_keys_and_shapes(preset):
 def test_release_files_have_every_key_accounted_for(preset):
     """Release files also hold EMA and schedule buffers, CLIP's position ids, and (SD 2.x) OpenCLIP's
     24th layer and contrastive head: known and unused, not unexpected. Shapes on the meta device."""
-    from latentdiff.single_file import _build, account, model_rules
+    from latentdiff.models.single_file import _build, account, model_rules
 
     tensors = _meta_checkpoint(preset)
     arch = detect_architecture(tensors, {})

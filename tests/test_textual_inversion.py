@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from latentdiff import InvalidInputError
-from latentdiff.metadata import read_recipe
-from latentdiff.prompts import count_chunks
+from latentdiff.generation.recipe import read_recipe
+from latentdiff.generation.prompts import count_chunks
 
 D = 32  # the tiny text encoder's width
 
@@ -61,7 +61,7 @@ def test_embeddings_match_diffusers(tiny, theirs, files, no_network):
     ref = theirs(prompt, negative_prompt=negative, num_inference_steps=2, height=32, width=32, output_type="np",
                  generator=[torch.Generator("cpu").manual_seed(2)]).images  # fmt: skip
     np.testing.assert_allclose(mine, ref, atol=1e-4)
-    from latentdiff.prompts import encode_prompts
+    from latentdiff.generation.prompts import encode_prompts
 
     plain = encode_prompts(ours.tokenizer, ours.text_encoder, ["a cat in a style on a table"])
     assert not torch.allclose(
@@ -70,8 +70,8 @@ def test_embeddings_match_diffusers(tiny, theirs, files, no_network):
 
 
 def test_tokens_work_with_weighting_and_chunking(tiny, files):
-    from latentdiff.prompts import encode_prompts
-    from latentdiff.textual_inversion import expand
+    from latentdiff.generation.prompts import encode_prompts
+    from latentdiff.models.textual_inversion import expand
 
     ours = copy.deepcopy(tiny)
     _, a1111_pt, _ = files

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from latentdiff.tokenizer import VOCAB_SIZE, asset_dir, derive_vocab, load_clip_tokenizer
+from latentdiff.models.tokenizer import VOCAB_SIZE, asset_dir, derive_vocab, load_clip_tokenizer
 
 # Token ids of OpenAI's CLIP tokenizer, as published with CLIP and used by every SD 1.x model.
 KNOWN = {
@@ -62,7 +62,7 @@ def test_shipped_files_are_derived_from_clip_bpe(tmp_path):
     gz = _bpe_gz()
     if gz is None:
         pytest.skip("CLIP's bpe_simple_vocab_16e6.txt.gz is not available (set LATENTDIFF_CLIP_BPE)")
-    from latentdiff.tokenizer import write_vocab_files
+    from latentdiff.models.tokenizer import write_vocab_files
 
     write_vocab_files(gz, tmp_path)
     for name in ("vocab.json", "merges.txt"):

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from conftest import free_port
 from latentdiff import LatentDiffusion
-from latentdiff.objective import diffusion_loss, draw_global, noise_scheduler_for
-from latentdiff.train_config import ObjectiveConfig, TrainConfig
-from latentdiff.training import train
-from latentdiff.vae_training import psnr
+from latentdiff.train.objective import diffusion_loss, draw_global, noise_scheduler_for
+from latentdiff.train.config import ObjectiveConfig, TrainConfig
+from latentdiff.train.loop import train
+from latentdiff.train.vae_stage import psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "training" / "configs" / "tiny-test.toml"
@@ -183,7 +183,7 @@ def test_psnr_closed_form():
 
 
 def test_vae_stage_trains_a_vae_and_reports_held_out_psnr(shapes, tmp_path):
-    from latentdiff.vae_training import _held_out_psnr  # noqa: F401  (the stage's own metric)
+    from latentdiff.train.vae_stage import _held_out_psnr  # noqa: F401  (the stage's own metric)
 
     result = train(config(shapes, tmp_path / "scratch", "vae.steps=30", "vae.batch_size=4", "vae.lr=2e-3",
                           "vae.holdout=2", "train.max_steps=1", "checkpoint.every=0"))  # fmt: skip

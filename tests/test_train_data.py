@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from latentdiff.cli import main as cli
-from latentdiff.config import to_toml
-from latentdiff.data import BucketBatches, DataConfig, TrainDataset, assign_buckets, make_buckets, scan
+from latentdiff.tomlconfig import to_toml
+from latentdiff.data.sources import BucketBatches, DataConfig, TrainDataset, assign_buckets, make_buckets, scan
 from latentdiff.errors import InvalidInputError
-from latentdiff.train_config import TrainConfig
+from latentdiff.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 220, 40)}

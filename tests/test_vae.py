@@ -1,4 +1,4 @@
-"""latentdiff.vae: tiling above a size threshold, and the float32 retry of a non-finite half decode."""
+"""latentdiff.generation.vae: tiling above a size threshold, and the float32 retry of a non-finite half decode."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from latentdiff import InvalidInputError, LatentDiffusion
-from latentdiff.presets import PRESETS
-from latentdiff.vae import VaeOptions, decode, encode, wants_tiling
+from latentdiff.models.architectures import PRESETS
+from latentdiff.generation.vae import VaeOptions, decode, encode, wants_tiling
 
 
 def fresh_vae() -> AutoencoderKL:

@@ -7,7 +7,7 @@ Same as ``latentdiff train --config ...``; see training/README.md.
 
 import sys
 
-from latentdiff.training import main
+from latentdiff.train.loop import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,166 @@
+"""On-disk cache of VAE latents and text embeddings for training.
+
+A latent entry is keyed by SHA-256 of (image bytes, resize, crop box, flip, VAE weights); a text
+entry by (caption, text-encoder weights). An edited image or a changed model therefore misses the
+cache and is encoded again, and an unchanged one never is. Entries are single safetensors files,
+written atomically, so a crash mid-fill leaves no half entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save
+
+from ..fileio import atomic_write
+from .sources import DataConfig, Record, Source, View, choose_view, render_view, tokenize
+
+ENCODE_BATCH = 16
+
+
+@dataclass
+class CacheStats:
+    latents_encoded: int = 0
+    latents_reused: int = 0
+    texts_encoded: int = 0
+    texts_reused: int = 0
+
+    def line(self) -> str:
+        return (
+            f"cache: {self.latents_encoded} latents encoded, {self.latents_reused} reused; "
+            f"{self.texts_encoded} captions encoded, {self.texts_reused} reused"
+        )
+
+
+class LatentCache:
+    def __init__(self, root: Path, vae_hash: Optional[str], text_hash: Optional[str]):
+        self.root = Path(root)
+        self.vae_hash = vae_hash  # None: latents are not cached
+        self.text_hash = text_hash  # None: text embeddings are not cached (text encoder trains)
+
+    @property
+    def has_latents(self) -> bool:
+        return self.vae_hash is not None
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_hash is not None
+
+    def _file(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:2] / f"{key}.safetensors"
+
+    def latent_file(self, record: Record, view: View) -> Path:
+        key = _sha(record.digest, view.resize, view.box, view.flip, self.vae_hash)
+        return self._file("latents", key)
+
+    def text_file(self, caption: str) -> Path:
+        return self._file("text", _sha(caption, self.text_hash))
+
+    def load_latent(self, record: Record, view: View) -> torch.Tensor:
+        """(2C, h, w): the posterior mean stacked on its standard deviation."""
+        return load_file(self.latent_file(record, view))["latent_dist"]
+
+    def load_text(self, caption: str) -> torch.Tensor:
+        return load_file(self.text_file(caption))["embeds"]
+
+    def fill(
+        self,
+        source: Source,
+        buckets: Sequence[tuple[int, int]],
+        bucket_of: Sequence[int],
+        config: DataConfig,
+        *,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        rank: int = 0,
+        world: int = 1,
+        progress: bool = False,
+    ) -> CacheStats:
+        """Encode every missing entry; process ``rank`` of ``world`` does every ``world``-th one.
+
+        Caching needs every view of an image known in advance, so it takes centre crops (the only
+        random choice left is the flip, and both flips are cached).
+        """
+        stats = CacheStats()
+        if self.has_latents:
+            jobs = []
+            for index, record in enumerate(source.records):
+                for view in possible_views(record, buckets[bucket_of[index]], config):
+                    if self.latent_file(record, view).is_file():
+                        stats.latents_reused += 1
+                    else:
+                        jobs.append((record, view))
+            stats.latents_encoded = len(jobs)
+            self._encode_latents(source, jobs[rank::world], vae, progress)
+        if self.has_text:
+            captions = sorted({c for r in source.records for c in r.captions} | {""})
+            missing = [c for c in captions if not self.text_file(c).is_file()]
+            stats.texts_reused = len(captions) - len(missing)
+            stats.texts_encoded = len(missing)
+            self._encode_texts(missing[rank::world], text_encoder, tokenizer, progress)
+        return stats
+
+    @torch.no_grad()
+    def _encode_latents(self, source: Source, jobs, vae, progress: bool) -> None:
+        by_shape: dict[tuple, list] = {}
+        for record, view in jobs:  # one VAE call per group of equal-sized crops
+            width, height = view.box[2] - view.box[0], view.box[3] - view.box[1]
+            by_shape.setdefault((width, height), []).append((record, view))
+        bar = _bar(len(jobs), progress, "caching latents")
+        for group in by_shape.values():
+            for start in range(0, len(group), ENCODE_BATCH):
+                chunk = group[start : start + ENCODE_BATCH]
+                pixels = torch.stack([render_view(source.image(r), v) for r, v in chunk])  # (B, 3, H, W)
+                dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+                stacked = torch.cat([dist.mean, dist.std], dim=1).float().cpu()  # (B, 2C, h, w)
+                for (record, view), value in zip(chunk, stacked):
+                    _write(self.latent_file(record, view), {"latent_dist": value.contiguous()})
+                bar.update(len(chunk))
+        bar.close()
+
+    @torch.no_grad()
+    def _encode_texts(self, captions: Sequence[str], text_encoder, tokenizer, progress: bool) -> None:
+        bar = _bar(len(captions), progress, "caching captions")
+        for start in range(0, len(captions), ENCODE_BATCH):
+            chunk = captions[start : start + ENCODE_BATCH]
+            ids = tokenize(tokenizer, chunk).to(text_encoder.device)
+            embeds = text_encoder(ids)[0].float().cpu()  # (B, 77, D)
+            for caption, value in zip(chunk, embeds):
+                _write(self.text_file(caption), {"embeds": value.contiguous()})
+            bar.update(len(chunk))
+        bar.close()
+
+
+def possible_views(record: Record, bucket: tuple[int, int], config: DataConfig) -> list[View]:
+    """Every view a centre-cropped sample of ``record`` can take (flipped or not)."""
+
+    class _Fixed:  # choose_view asks for a coin only for the flip
+        def __init__(self, flip: bool):
+            self.flip = flip
+
+        def random(self) -> float:
+            return 0.0 if self.flip else 1.0
+
+    flips = (False, True) if config.random_flip else (False,)
+    return [choose_view(record.size, bucket, config, _Fixed(f)) for f in flips]
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        f.write(save(tensors))
+
+
+def _sha(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _bar(total: int, enabled: bool, what: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=what, unit="item", disable=not enabled or total == 0, leave=False)

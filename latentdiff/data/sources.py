@@ -1,0 +1,451 @@
+"""Training data: find captioned images, check them once, bucket them by aspect ratio, and serve
+deterministic batches.
+
+Every random choice (which caption, dropped caption, crop offset, flip, batch order) is a pure
+function of ``(seed, epoch, index)``, so a run resumed mid-epoch, or split across more processes
+with the same global batch, sees exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..errors import InvalidInputError, MissingFileError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+@dataclass
+class DataConfig:
+    # an imagefolder (metadata.jsonl/.csv), images with .txt captions, a save_to_disk folder or a table
+    # file; or a list of those, trained on together
+    path: Union[str, list[str]] = ""
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = 512  # side of the square training size; buckets keep about this many pixels
+    center_crop: bool = True  # false: random crop
+    random_flip: bool = True
+    buckets: bool = False  # aspect-ratio bucketing: every batch from one bucket
+    bucket_step: int = 64  # bucket sides are multiples of this
+    max_aspect: float = 2.0  # widest bucket is max_aspect:1
+    caption_dropout: float = 0.1  # probability a caption becomes "" (teaches the unconditional prediction CFG needs)
+    num_workers: int = 2
+    max_samples: int = 0  # 0 = all
+    cache: bool = False  # pre-compute VAE latents (and text embeddings when the text encoder is frozen)
+    cache_dir: str = ""  # "" = <output_dir>/cache
+
+
+@dataclass
+class Record:
+    """One usable training image."""
+
+    key: str  # where it came from: a relative path or "row N"
+    size: tuple[int, int]  # (width, height) after EXIF orientation
+    captions: list[str]
+    digest: str  # SHA-256 of the image bytes: part of every cache key
+    path: Optional[str] = None  # file on disk, or
+    row: Optional[int] = None  # row of table ``Source.tables[table]``
+    table: int = 0
+
+
+@dataclass
+class Source:
+    records: list[Record]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    tables: list[tuple[Any, str]] = field(default_factory=list)  # (datasets.Dataset, its undecoded image column)
+
+    def image_bytes(self, record: Record) -> bytes:
+        if record.path is not None:
+            return Path(record.path).read_bytes()
+        table, column = self.tables[record.table]
+        return _cell_bytes(table[record.row][column])
+
+    def image(self, record: Record) -> Image.Image:
+        try:
+            return decode_image(self.image_bytes(record))
+        except (OSError, ValueError) as e:  # checked at scan time, so the file changed under us
+            raise InvalidInputError(f"training image {record.key} can no longer be read ({e}); restart the run") from None
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # a truncated or corrupt file fails here, not half-way through a batch
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "P"):
+            im = im.convert("RGBA")
+            canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent areas become white
+            im = Image.alpha_composite(canvas, im)
+        return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding the data
+
+
+def scan(config: DataConfig, progress: bool = True) -> Source:
+    """Open the data at ``config.path`` and decode every image once; unreadable ones are skipped and listed."""
+    paths = config.path if isinstance(config.path, list) else [config.path]
+    if not paths or not all(paths):
+        raise InvalidInputError("data.path is empty: point it at a folder of captioned images or a dataset on disk")
+    merged = Source([])
+    for path in paths:
+        part = _scan_one(path, config, progress)
+        for record in part.records:
+            record.table += len(merged.tables)
+        merged.records += part.records
+        merged.skipped += part.skipped
+        merged.tables += part.tables
+    return merged
+
+
+def _scan_one(path: str, config: DataConfig, progress: bool) -> Source:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise MissingFileError(f"training data {root} does not exist (data.path)")
+    table = _open_table(root, config)
+    if table is not None:
+        return _scan_table(table, config, progress, str(root))
+    return _scan_caption_files(root, config, progress)
+
+
+def _open_table(root: Path, config: DataConfig):
+    """A ``datasets.Dataset`` for every layout except loose images with .txt captions (None then)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if root.is_file():
+            kind = TABLE_SUFFIXES.get(root.suffix.lower())
+            if kind is None:
+                raise InvalidInputError(f"{root}: data.path must be a folder, or a {', '.join(TABLE_SUFFIXES)} file")
+            if kind in ("json", "csv"):
+                return _metadata_table(root, root.parent)
+            return datasets.load_dataset(kind, data_files=str(root), split="train")
+        if (root / "dataset_info.json").is_file() or (root / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(root))
+            if isinstance(loaded, datasets.DatasetDict):
+                if "train" not in loaded:
+                    raise InvalidInputError(f"{root} holds splits {list(loaded)} but no 'train' split")
+                loaded = loaded["train"]
+            return loaded
+        for name in ("metadata.jsonl", "metadata.csv"):
+            if (root / name).is_file():
+                return _metadata_table(root / name, root)
+    except (datasets.exceptions.DatasetGenerationError, FileNotFoundError, ValueError) as e:
+        if isinstance(e, InvalidInputError):
+            raise
+        raise InvalidInputError(f"could not read the dataset at {root}: {e}") from None
+    return None
+
+
+def _metadata_table(meta: Path, root: Path):
+    """The imagefolder layout: ``metadata.jsonl`` / ``.csv`` rows with ``file_name`` plus caption columns.
+
+    Read here rather than through ``load_dataset("imagefolder")`` so a missing or corrupt file is one
+    skipped row instead of a failed build, and nothing is copied into the datasets cache.
+    """
+    import datasets
+
+    rows = []
+    try:
+        with open(meta, encoding="utf-8-sig", newline="") as f:
+            if meta.suffix == ".csv":
+                rows = list(csv.DictReader(f))
+            else:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise InvalidInputError(f"{meta} line {number} is not JSON: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"{meta} is not UTF-8 text") from None
+    for row in rows:
+        if "file_name" not in row:
+            raise InvalidInputError(f"{meta}: every row needs a file_name column (got {sorted(row)})")
+        row["__path__"] = str(root / row.pop("file_name"))
+    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"__path__": []})
+
+
+def _cell_bytes(cell) -> bytes:
+    if isinstance(cell, str):
+        return Path(cell).read_bytes()
+    if isinstance(cell, dict):
+        if cell.get("bytes"):
+            return cell["bytes"]
+        if cell.get("path"):
+            return Path(cell["path"]).read_bytes()
+    if isinstance(cell, (bytes, bytearray)):
+        return bytes(cell)
+    raise ValueError(f"no image data in {type(cell).__name__}")
+
+
+def _scan_table(table, config: DataConfig, progress: bool, name: str) -> Source:
+    import datasets
+
+    image_col = "__path__" if "__path__" in table.column_names else config.image_column
+    for column in (image_col, config.caption_column):
+        if column not in table.column_names:
+            raise InvalidInputError(
+                f"the dataset has no column {column!r} (columns: {', '.join(table.column_names)}); "
+                "set data.image_column / data.caption_column"
+            )
+    if isinstance(table.features[image_col], datasets.Image):
+        table = table.cast_column(image_col, datasets.Image(decode=False))
+    records, skipped = [], []
+    limit = config.max_samples or len(table)
+    for i in _progress(range(min(limit, len(table))), progress, "checking images"):
+        row = table[i]
+        key = row[image_col] if isinstance(row[image_col], str) else f"{name} row {i}"
+        captions = _captions(row[config.caption_column])
+        if captions is None:
+            skipped.append((key, f"caption is not text: {row[config.caption_column]!r}"))
+            continue
+        try:
+            data = _cell_bytes(row[image_col])
+            size = decode_image(data).size
+        except (OSError, ValueError) as e:
+            skipped.append((key, str(e) or type(e).__name__))
+            continue
+        records.append(Record(key, size, captions, _digest(data), row=i))
+    return Source(records, skipped, [(table, image_col)])
+
+
+def _scan_caption_files(root: Path, config: DataConfig, progress: bool) -> Source:
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise InvalidInputError(
+            f"{root} has no metadata.jsonl / metadata.csv, no saved dataset and no images: "
+            "see training/README.md for the layouts latentdiff reads"
+        )
+    if config.max_samples:
+        images = images[: config.max_samples]
+    records, skipped = [], []
+    for path in _progress(images, progress, "checking images"):
+        key = str(path.relative_to(root))
+        text_file = path.with_suffix(".txt")
+        if not text_file.is_file():
+            skipped.append((key, f"no caption file {text_file.name}"))
+            continue
+        try:
+            data = path.read_bytes()
+            size = decode_image(data).size
+            captions = _captions(text_file.read_text(encoding="utf-8-sig").splitlines())
+        except (OSError, ValueError) as e:
+            skipped.append((key, str(e) or type(e).__name__))
+            continue
+        records.append(Record(key, size, captions or [""], _digest(data), path=str(path)))
+    return Source(records, skipped)
+
+
+def _captions(value) -> Optional[list[str]]:
+    """A caption cell as a list of alternatives: a string, or a list of strings (one picked per sample)."""
+    if isinstance(value, str):
+        return [value.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        kept = [v.strip() for v in value if v.strip()]
+        return kept or [""]
+    return None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _progress(items, enabled: bool, what: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=what, unit="img", leave=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Buckets and per-sample choices
+
+
+def make_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """(width, height) sizes, multiples of ``step``, each with at most ``resolution**2`` pixels."""
+    area = resolution * resolution
+    sizes = set()
+    width = step
+    while width <= resolution * max_aspect:
+        height = (area // width) // step * step
+        if height >= step and max(width / height, height / width) <= max_aspect + 1e-9:
+            sizes.add((width, height))
+        width += step
+    sizes.add((resolution, resolution))
+    return sorted(sizes)
+
+
+def assign_buckets(records: Sequence[Record], config: DataConfig) -> tuple[list[tuple[int, int]], list[int]]:
+    """The bucket list and each record's bucket: the one nearest in log aspect ratio."""
+    if not config.buckets:
+        return [(config.resolution, config.resolution)], [0] * len(records)
+    buckets = make_buckets(config.resolution, config.bucket_step, config.max_aspect)
+    logs = np.array([math.log(w / h) for w, h in buckets])
+    chosen = [int(np.abs(logs - math.log(r.size[0] / r.size[1])).argmin()) for r in records]
+    return buckets, chosen
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    # str seeds hash with SHA-512 in Python's random, so this is the same on every process and run
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+@dataclass(frozen=True)
+class View:
+    """How one sample is cut from its image: the crop box in the resized image, and the flip."""
+
+    resize: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool
+
+
+def choose_view(size: tuple[int, int], bucket: tuple[int, int], config: DataConfig, rng: random.Random) -> View:
+    w, h = size
+    bw, bh = bucket
+    scale = max(bw / w, bh / h)  # cover the bucket, then crop the overflow
+    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    if config.center_crop:
+        left, top = (rw - bw) // 2, (rh - bh) // 2
+    else:
+        left, top = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
+    flip = config.random_flip and rng.random() < 0.5
+    return View((rw, rh), (left, top, left + bw, top + bh), flip)
+
+
+def render_view(image: Image.Image, view: View) -> torch.Tensor:
+    """The crop as a (3, H, W) tensor in [-1, 1]."""
+    image = image.resize(view.resize, Image.Resampling.BICUBIC, reducing_gap=3.0).crop(view.box)
+    if view.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def choose_caption(captions: Sequence[str], dropout: float, rng: random.Random) -> str:
+    caption = captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0]
+    return "" if rng.random() < dropout else caption
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class BucketBatches:
+    """Deterministic batches, every one from a single bucket.
+
+    Per epoch, each bucket's indices are shuffled and cut into *global* batches of
+    ``batch_size * num_processes`` (a bucket's remainder waits for the next epoch's shuffle), the
+    global batches are shuffled, and process ``rank`` takes its slice of each. One process with
+    batch ``B*N`` therefore sees the same samples as ``N`` processes with batch ``B``.
+    Items are ``(epoch, index)`` pairs, so the dataset can make that sample's random choices.
+    """
+
+    def __init__(self, bucket_of: Sequence[int], batch_size: int, seed: int, num_processes: int = 1, rank: int = 0):
+        self.bucket_of = list(bucket_of)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_processes = num_processes
+        self.rank = rank
+        self.epoch = 0
+        self.start = 0  # batches of this epoch already consumed (set on resume)
+        if self.batches_per_epoch() == 0:
+            sizes = np.bincount(self.bucket_of) if self.bucket_of else []
+            raise InvalidInputError(
+                f"no bucket holds a whole global batch of {batch_size * num_processes} images "
+                f"(largest bucket: {max(sizes, default=0)} images); lower train.batch_size or add images"
+            )
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}/{epoch}/order")
+        per_bucket: dict[int, list[int]] = {}
+        for index, bucket in enumerate(self.bucket_of):
+            per_bucket.setdefault(bucket, []).append(index)
+        size = self.batch_size * self.num_processes
+        batches = []
+        for bucket in sorted(per_bucket):
+            indices = per_bucket[bucket]
+            rng.shuffle(indices)
+            batches += [indices[i : i + size] for i in range(0, len(indices) - size + 1, size)]
+        rng.shuffle(batches)
+        return batches
+
+    def batches_per_epoch(self) -> int:
+        counts = np.bincount(self.bucket_of) if self.bucket_of else np.zeros(0, int)
+        return int(sum(int(c) // (self.batch_size * self.num_processes) for c in counts))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        lo = self.rank * self.batch_size
+        for batch in self.global_batches(self.epoch)[self.start :]:
+            yield [(self.epoch, i) for i in batch[lo : lo + self.batch_size]]
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Serves one sample for an ``(epoch, index)`` key: pixels (or cached latents) and a caption (or its embedding)."""
+
+    def __init__(self, source: Source, buckets, bucket_of, config: DataConfig, seed: int, tokenizer=None, cache=None):
+        self.source = source
+        self.buckets = buckets
+        self.bucket_of = bucket_of
+        self.config = config
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.cache = cache  # a LatentCache with every entry present, or None
+
+    def __len__(self) -> int:
+        return len(self.source.records)
+
+    def choices(self, epoch: int, index: int) -> tuple[View, str]:
+        record = self.source.records[index]
+        rng = sample_rng(self.seed, epoch, index)
+        view = choose_view(record.size, self.buckets[self.bucket_of[index]], self.config, rng)
+        caption = choose_caption(record.captions, self.config.caption_dropout, rng)
+        return view, caption
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        record = self.source.records[index]
+        view, caption = self.choices(epoch, index)
+        item: dict[str, Any] = {"index": index}
+        if self.cache is not None and self.cache.has_latents:
+            item["latent_dist"] = self.cache.load_latent(record, view)  # (2C, h, w): mean, std
+        else:
+            item["pixels"] = render_view(self.source.image(record), view)  # (3, H, W)
+        if self.cache is not None and self.cache.has_text:
+            item["text_embeds"] = self.cache.load_text(caption)  # (77, D)
+        elif self.tokenizer is not None:
+            item["input_ids"] = tokenize(self.tokenizer, [caption])[0]  # (77,)
+        return item
+
+
+def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    """(B, 77) token ids; training captions are cut at the encoder's context length."""
+    return tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def skipped_report(skipped: Sequence[tuple[str, str]], limit: int = 20) -> str:
+    lines = [f"skipped {len(skipped)} unreadable image(s):"]
+    lines += [f"  {key}: {reason}" for key, reason in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more (all listed in skipped.jsonl)")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Pictures in and out: input images for image-to-image (read, convert to 8-bit RGB, hash) and grids."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from ..errors import InvalidInputError, MissingFileError
+
+ImageInput = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
+
+
+def load_image(source: ImageInput, *, mask: bool = False):
+    """``source`` (a path or a PIL image) as an 8-bit RGB PIL image, upright (EXIF orientation).
+
+    16-bit greyscale is scaled to 8 bits, palette and greyscale images are expanded, and an alpha
+    channel is composited away with a warning: on white for pictures, on black for masks (so that
+    strokes painted on a transparent layer are what gets repainted).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise MissingFileError(f"image {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise InvalidInputError(f"cannot read {path} as an image ({type(e).__name__}); give a PNG, JPEG or WebP file") from None
+    elif isinstance(source, Image.Image):
+        image = source
+    else:
+        raise InvalidInputError(f"image must be a file path or a PIL image, got {type(source).__name__}")
+    image = ImageOps.exif_transpose(image)
+    if image.width < 8 or image.height < 8:
+        raise InvalidInputError(f"the {'mask' if mask else 'image'} is {image.width}x{image.height}; it must be at least 8x8")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16- or 32-bit greyscale: scale to 8 bits
+        values = np.asarray(image, dtype=np.int64)
+        top = 65535 if image.mode.startswith("I;16") or values.max() > 255 else 255
+        image = Image.fromarray((values.clip(0, top) * 255 // top).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = (0, 0, 0, 255) if mask else (255, 255, 255, 255)
+        warnings.warn(
+            f"the {'mask' if mask else 'input image'} has transparency; it is composited on "
+            f"{'black (transparent = keep)' if mask else 'white'}",
+            stacklevel=3,
+        )
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
+    return image.convert("RGB")
+
+
+def image_hash(image) -> str:
+    """First 16 hex digits of SHA-256 over an RGB image's size and pixels."""
+    h = hashlib.sha256(f"{image.size}".encode())
+    h.update(np.asarray(image.convert("RGB")).tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_inputs(image, num_prompts: int, what: str = "image"):
+    """Image-to-image inputs as RGB PIL images, and their paths (None where not a file)."""
+    if image is None:
+        return None, None
+    sources = list(image) if isinstance(image, (list, tuple)) else [image]
+    if len(sources) not in (1, num_prompts):
+        raise InvalidInputError(
+            f"got {len(sources)} {what}s for {num_prompts} prompts; give one {what}, or one per prompt"
+        )
+    names = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in sources]
+    loaded = [load_image(s, mask=what == "mask_image") for s in sources]
+    if len({im.size for im in loaded}) > 1:
+        warnings.warn(f"the {what}s differ in size; all are resized to the output size", stacklevel=3)
+    return loaded, names
+
+
+def grid(images, columns: int):
+    """Equal-sized images (PIL or uint8 (H, W, 3) arrays) pasted row by row into one PIL image."""
+    from PIL import Image
+
+    images = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
+    if not images or columns < 1:
+        raise InvalidInputError("grid needs at least one image and at least one column")
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (min(columns, len(images)) * w, rows * h), (255, 255, 255))
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    return sheet

@@ -1,0 +1,167 @@
+"""The training configuration: a tree of typed dataclasses filled from TOML (see ``config.py``).
+
+Section by section it mirrors ``training/configs/*.toml``; :func:`check_config` rejects settings
+that cannot work before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..data.sources import DataConfig
+from ..errors import InvalidInputError
+from ..tomlconfig import load_config
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # diffusers-format folder to start from; "" = random weights of `preset` (from scratch)
+    preset: str = "tiny"  # architecture of a from-scratch run (see latentdiff.presets)
+    init_seed: int = 0  # seed of the random initial weights
+    vae_path: str = ""  # take the VAE from this folder (a diffusers model folder or a bare AutoencoderKL folder)
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    # From scratch only: entries that replace the preset's diffusers / transformers config entries,
+    # e.g. [model.vae_config] norm_num_groups = 8 (how the default model's recipe was searched)
+    unet_config: dict[str, Any] = field(default_factory=dict)
+    vae_config: dict[str, Any] = field(default_factory=dict)
+    text_encoder_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+
+@dataclass
+class ObjectiveConfig:
+    prediction_type: str = ""  # "" = the model's; epsilon, v_prediction, sample
+    noise_schedule: str = ""  # "" = the model's; linear, scaled_linear, cosine
+    zero_terminal_snr: bool = False  # Lin et al. 2024: rescale so the last step is pure noise (use v_prediction)
+    num_train_timesteps: int = 1000
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off, 5 is the paper's choice
+    noise_offset: float = 0.0  # add offset * N(0, 1) per channel to the noise (helps very dark / bright images)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    text_encoder_lr: float = 0.0  # 0 = same as lr
+    lr_schedule: str = "constant"  # constant, cosine, linear (each after `warmup_steps` of linear warm-up)
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/latentdiff"
+    seed: int = 0
+    max_steps: int = 1000  # optimizer steps; 0 = stop after the VAE stage
+    batch_size: int = 4  # per process; global batch = batch_size * processes * gradient_accumulation
+    gradient_accumulation: int = 1
+    mixed_precision: str = "no"  # no, fp16, bf16
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the U-Net (and text encoder) forward; pays a compile at start
+    channels_last: bool = False  # U-Net activations in NHWC memory order (faster convolutions on GPUs)
+    ema: bool = False
+    ema_decay: float = 0.9999
+    log_every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; 0 = only at the end
+    keep: int = 3  # newest complete checkpoints kept
+    resume: str = ""  # "" = fresh start, "latest", or a checkpoint folder
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0  # steps; 0 = only at the end
+    prompts: list[str] = field(default_factory=list)  # none = no validation images
+    seeds: list[int] = field(default_factory=lambda: [0])  # one image per (prompt, seed)
+    steps: int = 25
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+
+
+@dataclass
+class VaeStageConfig:
+    steps: int = 0  # > 0: train the VAE first (from-scratch models without a pretrained VAE)
+    batch_size: int = 8
+    lr: float = 1e-4
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)) against the reconstruction loss
+    holdout: int = 8  # images kept out of VAE training to report PSNR on
+    eval_every: int = 0  # steps; 0 = only at the end
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    vae: VaeStageConfig = field(default_factory=VaeStageConfig)
+
+    @classmethod
+    def load(cls, path=None, overrides=()) -> "TrainConfig":
+        config = load_config(cls, path, overrides)
+        check_config(config)
+        return config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Reject settings that cannot work, before any model is loaded."""
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise InvalidInputError(message)
+
+    run, data, obj, opt = config.train, config.data, config.objective, config.optim
+    need(obj.prediction_type in ("",) + PREDICTION_TYPES, f"objective.prediction_type must be one of {PREDICTION_TYPES}")
+    need(opt.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {LR_SCHEDULES}, got {opt.lr_schedule!r}")
+    need(run.mixed_precision in MIXED_PRECISION, f"train.mixed_precision must be one of {MIXED_PRECISION}")
+    need(run.max_steps >= 0, f"train.max_steps must be 0 (the VAE stage only) or more, got {run.max_steps}")
+    need(run.max_steps > 0 or config.vae.steps > 0, "train.max_steps = 0 runs only the VAE stage; set vae.steps too")
+    for key, value in [("train.batch_size", run.batch_size),
+                       ("train.gradient_accumulation", run.gradient_accumulation), ("train.log_every", run.log_every),
+                       ("data.resolution", data.resolution), ("data.bucket_step", data.bucket_step),
+                       ("objective.num_train_timesteps", obj.num_train_timesteps)]:  # fmt: skip
+        need(value >= 1, f"{key} must be at least 1, got {value}")
+    need(0.0 <= data.caption_dropout <= 1.0, f"data.caption_dropout must be in [0, 1], got {data.caption_dropout}")
+    need(opt.lr > 0, f"optim.lr must be positive, got {opt.lr}")
+    need(0.0 <= run.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {run.ema_decay}")
+    need(data.max_aspect >= 1.0, f"data.max_aspect must be at least 1, got {data.max_aspect}")
+    need(not (data.cache and not data.center_crop),
+         "data.cache needs data.center_crop = true (a random crop cannot be cached ahead); turn one of them off")  # fmt: skip
+    need(config.model.train_unet or config.model.train_text_encoder or config.lora.enabled,
+         "nothing to train: set model.train_unet or model.train_text_encoder, or lora.enabled")  # fmt: skip
+    need(config.checkpoint.keep >= 1, "checkpoint.keep must be at least 1")
+    need(not (config.model.path and (config.model.unet_config or config.model.vae_config or config.model.text_encoder_config)),
+         "model.unet_config / vae_config / text_encoder_config change a from-scratch architecture; "
+         "they cannot apply to a pretrained model.path")  # fmt: skip
+    need(not (config.lora.enabled and not config.model.path),
+         "lora.enabled needs a pretrained model (model.path): LoRA adapts existing weights")  # fmt: skip
+    if config.vae.steps:
+        need(config.vae.batch_size >= 1 and config.vae.lr > 0, "vae.batch_size and vae.lr must be positive")

@@ -1,0 +1,202 @@
+"""The VAE stage of a from-scratch run: an ``AutoencoderKL`` trained on the run's own images.
+
+Loss: mean squared reconstruction error plus ``kl_weight`` * KL(q(z|x) || N(0, I)) (the VAE of
+Kingma & Welling 2014 with a small KL weight, as latent diffusion uses it, Rombach et al. 2022,
+Sec. 3 — without the perceptual and adversarial terms, which need pretrained networks we cannot
+download). A few images are held out and the stage reports their reconstruction PSNR. Afterwards
+the latent scale is set from data, ``scaling_factor = 1 / std(z)`` (Rombach et al. 2022, Sec. 4.3.2),
+so the U-Net sees unit-variance latents whatever this VAE learned.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from ..data.sources import BucketBatches, TrainDataset, choose_view, render_view
+from ..fileio import atomic_dir
+from ..tomlconfig import to_toml
+from . import checkpoints
+from .objective import draw_global, step_seed
+
+SCALE_SAMPLES = 256  # training images used to measure the latent standard deviation
+
+
+def split_holdout(count: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices): a seeded choice, so every rank and every resume agrees."""
+    order = list(range(count))
+    random.Random(f"{seed}/vae-holdout").shuffle(order)
+    held = sorted(order[: min(holdout, max(count - 1, 0))])
+    kept = sorted(order[len(held) :])
+    return kept, held
+
+
+def start_nearly_deterministic(vae, log_variance: float = -8.0) -> None:
+    """Shift the initial posterior log-variance to ``log_variance`` (std ~ 0.02 for -8).
+
+    A freshly initialised encoder outputs log-variance ~ 0, so the decoder first sees latents
+    drowned in unit noise and can only learn the mean image; with the KL weight as small as latent
+    diffusion uses it, it takes thousands of steps to shrink that noise. Starting from a small
+    posterior variance (the encoder may still grow it) makes the stage learn from the first step.
+    """
+    quant = getattr(vae, "quant_conv", None)
+    layer = quant if quant is not None else vae.encoder.conv_out  # the layer that outputs (mean, logvar)
+    with torch.no_grad():
+        layer.bias[vae.config.latent_channels :] += log_variance
+
+
+def psnr(reference: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1], shape (B, 3, H, W) (``evaluate.psnr`` on the [0, 1] scale)."""
+    from ..evaluate import psnr as psnr01
+
+    def unit(x: torch.Tensor):
+        return ((x.detach().float().clamp(-1, 1) + 1) / 2).cpu().numpy()
+
+    return torch.from_numpy(psnr01(unit(reference), unit(image))).float()
+
+
+def train_vae(trainer) -> Path:
+    """Train ``trainer.pipe.vae`` on ``trainer.source``; returns ``<output_dir>/vae`` (skipped if it exists)."""
+    config, acc = trainer.config, trainer.accelerator
+    stage = config.vae
+    target = trainer.out / "vae"
+    if (target / "config.json").is_file():
+        trainer.say(f"VAE stage already done: using {target}")
+        return target
+    folder = trainer.out / "vae-stage"
+    vae = trainer.pipe.vae
+    vae.requires_grad_(True).train()
+    torch.nn.Module.to(vae, trainer.device, dtype=torch.float32)
+    if not config.model.vae_path and not (folder.is_dir() and checkpoints.complete(folder)):
+        start_nearly_deterministic(vae)
+    records = trainer.source.records
+    kept, held = split_holdout(len(records), stage.holdout, config.train.seed)
+    size = (config.data.resolution, config.data.resolution)
+    dataset = TrainDataset(trainer.source, [size], [0] * len(records), config.data, config.train.seed)
+    batches = BucketBatches([0] * len(kept), stage.batch_size, config.train.seed, trainer.world, trainer.rank)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=stage.lr, weight_decay=0.0)
+    model, optimizer = acc.prepare(_Autoencode(vae), optimizer)  # forward through DDP, so gradients sync
+
+    if acc.is_main_process:
+        checkpoints.remove_stale(folder)
+    acc.wait_for_everyone()
+    step, epoch, position, micro = 0, 0, 0, 0
+    resume = checkpoints.resolve("latest" if config.checkpoint.resume else "", folder)
+    if resume is not None:
+        state = checkpoints.load(acc, resume)
+        step, epoch, position, micro = state["step"], state["epoch"], state["position"], state["micro_step"]
+        trainer.say(f"VAE stage resumed from {resume.name}: step {step}")
+    bar = trainer._progress_bar(step, stage.steps, "VAE stage")
+    per_rank = stage.batch_size
+    while step < stage.steps:
+        batches.epoch, batches.start = epoch, position
+        for batch_keys in batches:
+            pixels = torch.stack([dataset[(e, kept[i])]["pixels"] for e, i in batch_keys]).to(trainer.device)  # (B, 3, H, W)
+            with acc.accumulate(model):
+                shape = (per_rank * trainer.world, vae.config.latent_channels, *_latent_size(vae, pixels))
+                eps = draw_global(shape, step_seed(config.train.seed, micro, "vae"), trainer.device, trainer.rank, per_rank)
+                recon, kl = model(pixels, eps)
+                # KL per latent element is summed over the latent by diffusers; normalise by pixels like the MSE
+                loss = torch.nn.functional.mse_loss(recon.float(), pixels) + stage.kl_weight * kl.mean() / pixels[0].numel()
+                acc.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            position += 1
+            micro += 1
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % config.train.log_every == 0:
+                trainer.log({"vae_loss": acc.reduce(loss.detach(), reduction="mean").item()}, step)
+            if stage.eval_every and step % stage.eval_every == 0 and step != stage.steps:
+                value = _held_out_psnr(trainer, vae, held)
+                trainer.log({"vae_psnr": value}, step)
+                trainer.say(f"VAE step {step}: held-out PSNR {value:.2f} dB")
+            if config.checkpoint.every and step % config.checkpoint.every == 0 and step != stage.steps:
+                _save(trainer, folder, {"step": step, "epoch": epoch, "position": position, "micro_step": micro})
+            if step >= stage.steps:
+                break
+        else:
+            epoch, position = epoch + 1, 0
+    bar.close()
+
+    vae.requires_grad_(False).eval()
+    value = _held_out_psnr(trainer, vae, held)
+    vae.register_to_config(scaling_factor=_latent_scale(trainer, vae, kept, dataset))
+    trainer.say(f"VAE stage done: held-out PSNR {value:.2f} dB on {len(held)} images; "
+                f"scaling_factor {vae.config.scaling_factor:.5f}")  # fmt: skip
+    if acc.is_main_process:
+        with atomic_dir(target) as tmp:
+            vae.save_pretrained(tmp)
+            (tmp / "psnr.json").write_text(json.dumps({"held_out_psnr_db": value, "held_out_images": len(held), "steps": step}))
+    acc.wait_for_everyone()
+    acc.free_memory()  # forget the VAE and its optimizer: the U-Net stage registers its own
+    trainer.result.vae_psnr = value
+    return target
+
+
+@torch.no_grad()
+def _held_out_psnr(trainer, vae, held: list[int]) -> float:
+    """Mean PSNR of centre-cropped held-out images after encode (posterior mean) and decode; every rank computes it."""
+    if not held:
+        return float("nan")
+    was_training = vae.training
+    vae.eval()
+    values = []
+    size = (trainer.config.data.resolution,) * 2
+    for start in range(0, len(held), 8):
+        images = []
+        for i in held[start : start + 8]:
+            record = trainer.source.records[i]
+            view = choose_view(record.size, size, _centre(trainer.config.data), random.Random(0))
+            images.append(render_view(trainer.source.image(record), view))
+        pixels = torch.stack(images).to(trainer.device)
+        recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        values.append(psnr(pixels, recon))
+    vae.train(was_training)
+    return float(torch.cat(values).mean())
+
+
+@torch.no_grad()
+def _latent_scale(trainer, vae, kept: list[int], dataset) -> float:
+    chosen = kept[:SCALE_SAMPLES]
+    latents = []
+    for start in range(0, len(chosen), 16):
+        pixels = torch.stack([dataset[(0, i)]["pixels"] for i in chosen[start : start + 16]]).to(trainer.device)
+        latents.append(vae.encode(pixels).latent_dist.mean.float())
+    return float(1.0 / torch.cat(latents).std().clamp(min=1e-6))
+
+
+def _centre(data_config):
+    from dataclasses import replace
+
+    return replace(data_config, center_crop=True, random_flip=False)
+
+
+def _save(trainer, folder: Path, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {**state, "stage": "vae", "seed": trainer.config.train.seed}
+    checkpoints.save(trainer.accelerator, folder, state["step"], state, to_toml(trainer.config), trainer.config.checkpoint.keep)
+
+
+class _Autoencode(torch.nn.Module):
+    """encode -> reparameterised sample -> decode as one forward, so DDP sees (and syncs) the whole step."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, eps: torch.Tensor):
+        dist = self.vae.encode(pixels).latent_dist
+        z = dist.mean + dist.std * eps  # z ~ q(z | x), (B, C, H/f, W/f)
+        return self.vae.decode(z).sample, dist.kl()
+
+
+def _latent_size(vae, pixels: torch.Tensor) -> tuple[int, int]:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return pixels.shape[-2] // factor, pixels.shape[-1] // factor
+
