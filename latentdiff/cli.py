@@ -337,7 +337,7 @@ def _apply_loras(pipe, specs, recorded) -> None:
         for path, scale in _lora_specs(specs):
             pipe.load_lora(path, scale=scale)
         return
-    from .models.safe_load import file_sha256
+    from .models.hashing import file_sha256
 
     for entry in recorded:
         path = entry.get("path")
@@ -434,7 +434,7 @@ def _info(args) -> int:
 
 
 def _schedules(args) -> int:
-    from .generation.samplers import NOISE_SCHEDULES, alphas_cumprod, log_snr, plot_schedules
+    from .train.noise_schedules import NOISE_SCHEDULES, alphas_cumprod, log_snr, plot_schedules
 
     T = args.timesteps
     if T < 2:

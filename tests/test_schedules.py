@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from latentdiff import InvalidInputError
-from latentdiff.generation.samplers import SAMPLERS, alphas_cumprod, log_snr, make_scheduler, plot_schedules
+from latentdiff.generation.samplers import SAMPLERS, make_scheduler
+from latentdiff.train.noise_schedules import alphas_cumprod, log_snr, plot_schedules
 
 T = 1000
 CHECK_T = [1, 10, 250, 500, 750, 999]

@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from latentdiff.cli import main as cli
-from latentdiff.tomlconfig import to_toml
-from latentdiff.data.sources import BucketBatches, DataConfig, TrainDataset, assign_buckets, make_buckets, scan
+from latentdiff.data.buckets import BucketBatches, assign_buckets, make_buckets
+from latentdiff.data.dataset import TrainDataset
+from latentdiff.data.sources import DataConfig, scan
 from latentdiff.errors import InvalidInputError
+from latentdiff.tomlconfig import to_toml
 from latentdiff.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

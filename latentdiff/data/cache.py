@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file, save
 
 from ..fileio import atomic_write
-from .sources import DataConfig, Record, Source, View, choose_view, render_view, tokenize
+from .buckets import View, choose_view, render_view
+from .dataset import tokenize
+from .sources import DataConfig, Record, Source
 
 ENCODE_BATCH = 16
 

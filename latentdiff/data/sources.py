@@ -1,9 +1,6 @@
-"""Training data: find captioned images, check them once, bucket them by aspect ratio, and serve
-deterministic batches.
-
-Every random choice (which caption, dropped caption, crop offset, flip, batch order) is a pure
-function of ``(seed, epoch, index)``, so a run resumed mid-epoch, or split across more processes
-with the same global batch, sees exactly the same samples.
+"""Training data, found and checked: captioned images from an imagefolder, loose files with .txt
+captions, a ``datasets`` folder or a table file; every image decoded once, unreadable ones skipped
+and listed.
 """
 
 from __future__ import annotations
@@ -12,14 +9,10 @@ import csv
 import hashlib
 import io
 import json
-import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
-import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from ..errors import InvalidInputError, MissingFileError
@@ -271,176 +264,6 @@ def _progress(items, enabled: bool, what: str):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=what, unit="img", leave=False)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Buckets and per-sample choices
-
-
-def make_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
-    """(width, height) sizes, multiples of ``step``, each with at most ``resolution**2`` pixels."""
-    area = resolution * resolution
-    sizes = set()
-    width = step
-    while width <= resolution * max_aspect:
-        height = (area // width) // step * step
-        if height >= step and max(width / height, height / width) <= max_aspect + 1e-9:
-            sizes.add((width, height))
-        width += step
-    sizes.add((resolution, resolution))
-    return sorted(sizes)
-
-
-def assign_buckets(records: Sequence[Record], config: DataConfig) -> tuple[list[tuple[int, int]], list[int]]:
-    """The bucket list and each record's bucket: the one nearest in log aspect ratio."""
-    if not config.buckets:
-        return [(config.resolution, config.resolution)], [0] * len(records)
-    buckets = make_buckets(config.resolution, config.bucket_step, config.max_aspect)
-    logs = np.array([math.log(w / h) for w, h in buckets])
-    chosen = [int(np.abs(logs - math.log(r.size[0] / r.size[1])).argmin()) for r in records]
-    return buckets, chosen
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    # str seeds hash with SHA-512 in Python's random, so this is the same on every process and run
-    return random.Random(f"{seed}/{epoch}/{index}")
-
-
-@dataclass(frozen=True)
-class View:
-    """How one sample is cut from its image: the crop box in the resized image, and the flip."""
-
-    resize: tuple[int, int]
-    box: tuple[int, int, int, int]
-    flip: bool
-
-
-def choose_view(size: tuple[int, int], bucket: tuple[int, int], config: DataConfig, rng: random.Random) -> View:
-    w, h = size
-    bw, bh = bucket
-    scale = max(bw / w, bh / h)  # cover the bucket, then crop the overflow
-    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if config.center_crop:
-        left, top = (rw - bw) // 2, (rh - bh) // 2
-    else:
-        left, top = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
-    flip = config.random_flip and rng.random() < 0.5
-    return View((rw, rh), (left, top, left + bw, top + bh), flip)
-
-
-def render_view(image: Image.Image, view: View) -> torch.Tensor:
-    """The crop as a (3, H, W) tensor in [-1, 1]."""
-    image = image.resize(view.resize, Image.Resampling.BICUBIC, reducing_gap=3.0).crop(view.box)
-    if view.flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def choose_caption(captions: Sequence[str], dropout: float, rng: random.Random) -> str:
-    caption = captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0]
-    return "" if rng.random() < dropout else caption
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Batches
-
-
-class BucketBatches:
-    """Deterministic batches, every one from a single bucket.
-
-    Per epoch, each bucket's indices are shuffled and cut into *global* batches of
-    ``batch_size * num_processes`` (a bucket's remainder waits for the next epoch's shuffle), the
-    global batches are shuffled, and process ``rank`` takes its slice of each. One process with
-    batch ``B*N`` therefore sees the same samples as ``N`` processes with batch ``B``.
-    Items are ``(epoch, index)`` pairs, so the dataset can make that sample's random choices.
-    """
-
-    def __init__(self, bucket_of: Sequence[int], batch_size: int, seed: int, num_processes: int = 1, rank: int = 0):
-        self.bucket_of = list(bucket_of)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_processes = num_processes
-        self.rank = rank
-        self.epoch = 0
-        self.start = 0  # batches of this epoch already consumed (set on resume)
-        if self.batches_per_epoch() == 0:
-            sizes = np.bincount(self.bucket_of) if self.bucket_of else []
-            raise InvalidInputError(
-                f"no bucket holds a whole global batch of {batch_size * num_processes} images "
-                f"(largest bucket: {max(sizes, default=0)} images); lower train.batch_size or add images"
-            )
-
-    def global_batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(f"{self.seed}/{epoch}/order")
-        per_bucket: dict[int, list[int]] = {}
-        for index, bucket in enumerate(self.bucket_of):
-            per_bucket.setdefault(bucket, []).append(index)
-        size = self.batch_size * self.num_processes
-        batches = []
-        for bucket in sorted(per_bucket):
-            indices = per_bucket[bucket]
-            rng.shuffle(indices)
-            batches += [indices[i : i + size] for i in range(0, len(indices) - size + 1, size)]
-        rng.shuffle(batches)
-        return batches
-
-    def batches_per_epoch(self) -> int:
-        counts = np.bincount(self.bucket_of) if self.bucket_of else np.zeros(0, int)
-        return int(sum(int(c) // (self.batch_size * self.num_processes) for c in counts))
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch() - self.start
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        lo = self.rank * self.batch_size
-        for batch in self.global_batches(self.epoch)[self.start :]:
-            yield [(self.epoch, i) for i in batch[lo : lo + self.batch_size]]
-
-
-class TrainDataset(torch.utils.data.Dataset):
-    """Serves one sample for an ``(epoch, index)`` key: pixels (or cached latents) and a caption (or its embedding)."""
-
-    def __init__(self, source: Source, buckets, bucket_of, config: DataConfig, seed: int, tokenizer=None, cache=None):
-        self.source = source
-        self.buckets = buckets
-        self.bucket_of = bucket_of
-        self.config = config
-        self.seed = seed
-        self.tokenizer = tokenizer
-        self.cache = cache  # a LatentCache with every entry present, or None
-
-    def __len__(self) -> int:
-        return len(self.source.records)
-
-    def choices(self, epoch: int, index: int) -> tuple[View, str]:
-        record = self.source.records[index]
-        rng = sample_rng(self.seed, epoch, index)
-        view = choose_view(record.size, self.buckets[self.bucket_of[index]], self.config, rng)
-        caption = choose_caption(record.captions, self.config.caption_dropout, rng)
-        return view, caption
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
-        record = self.source.records[index]
-        view, caption = self.choices(epoch, index)
-        item: dict[str, Any] = {"index": index}
-        if self.cache is not None and self.cache.has_latents:
-            item["latent_dist"] = self.cache.load_latent(record, view)  # (2C, h, w): mean, std
-        else:
-            item["pixels"] = render_view(self.source.image(record), view)  # (3, H, W)
-        if self.cache is not None and self.cache.has_text:
-            item["text_embeds"] = self.cache.load_text(caption)  # (77, D)
-        elif self.tokenizer is not None:
-            item["input_ids"] = tokenize(self.tokenizer, [caption])[0]  # (77,)
-        return item
-
-
-def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
-    """(B, 77) token ids; training captions are cut at the encoder's context length."""
-    return tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def skipped_report(skipped: Sequence[tuple[str, str]], limit: int = 20) -> str:

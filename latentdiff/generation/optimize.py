@@ -33,7 +33,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import InvalidInputError
-from .recipe import weights_fingerprint
+from ..models.hashing import weights_fingerprint
 
 log = logging.getLogger("latentdiff")
 

@@ -17,12 +17,13 @@ from PIL import Image
 from ..checks import MAX_SEED, check_float, check_size, positive_int, whole_number
 from ..errors import InvalidInputError, MissingFileError
 from ..models import architectures, folder
+from ..models.hashing import weight_hash, weights_fingerprint
 from ..models.lora import LoraSet
 from ..models.textual_inversion import Embedding
 from ..models.textual_inversion import expand as expand_tokens
 from .images import ImageInput, image_hash, load_inputs
 from .prompts import count_chunks, encode_prompts
-from .recipe import save_png, weight_hash, weights_fingerprint
+from .recipe import save_png
 from .samplers import make_scheduler, scheduler_from_config
 from .sampling import StepCallback, denoise, initial_latents, make_generators, step_kwargs
 from .starts import img2img_start, inpaint_start, known_pixels, pixel_processor

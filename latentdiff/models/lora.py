@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from ..checks import check_float
 from ..errors import InvalidInputError
 from . import ldm_layout as L
-from .safe_load import file_sha256, read_tensor_file, write_tensor_file
+from .hashing import file_sha256
+from .safe_load import read_tensor_file, write_tensor_file
 
 _KOHYA = re.compile(r"^(lora_unet_|lora_te_|lora_te\d_)(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(.+?)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$")

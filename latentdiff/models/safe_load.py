@@ -9,8 +9,6 @@ and containers and refuses everything else before calling it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pickle
 import re
 from pathlib import Path
@@ -103,26 +101,6 @@ def write_tensor_file(
     with atomic_write(path) as f:
         f.write(blob)
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (first 16 hex digits, like the weight hash)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def json_metadata(metadata: dict[str, str], key: str) -> Any:
-    """Parse ``metadata[key]`` as JSON; None when absent or not JSON."""
-    text = metadata.get(key)
-    if not isinstance(text, str):
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:

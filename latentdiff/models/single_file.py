@@ -374,8 +374,3 @@ def save_single_file(pipe, path: str | Path) -> Path:
 
 def _plain(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
-
-
-def is_single_file(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_file() or (not p.exists() and p.suffix.lower() in SINGLE_FILE_SUFFIXES)

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 from ..errors import InvalidInputError
-from .safe_load import file_sha256, read_tensor_file
+from .hashing import file_sha256
+from .safe_load import read_tensor_file
 
 
 @dataclass

@@ -22,7 +22,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..data.sources import BucketBatches, TrainDataset, assign_buckets, scan, skipped_report
+from ..data.buckets import BucketBatches, assign_buckets
+from ..data.dataset import TrainDataset
+from ..data.sources import scan, skipped_report
 from ..errors import InvalidInputError, MissingFileError
 from ..fileio import atomic_write
 from ..generation.images import grid
@@ -304,7 +306,7 @@ class Trainer:
 
     def fill_cache(self) -> None:
         from ..data.cache import LatentCache
-        from ..generation.recipe import weight_hash
+        from ..models.hashing import weight_hash
 
         config, pipe = self.config, self.pipe
         self.cache = None

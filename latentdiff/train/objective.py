@@ -12,7 +12,7 @@ def noise_scheduler_for(obj, model_scheduler_config: dict):
     """The DDPMScheduler that defines the forward process q(z_t | z_0) for training."""
     from diffusers import DDPMScheduler
 
-    from ..generation.samplers import noise_schedule_config
+    from .noise_schedules import noise_schedule_config
 
     if obj.noise_schedule:
         settings = noise_schedule_config(obj.noise_schedule, obj.num_train_timesteps, obj.zero_terminal_snr)

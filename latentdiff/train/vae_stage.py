@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.sources import BucketBatches, TrainDataset, choose_view, render_view
+from ..data.buckets import BucketBatches, choose_view, render_view
+from ..data.dataset import TrainDataset
 from ..fileio import atomic_dir
 from ..tomlconfig import to_toml
 from . import checkpoints
