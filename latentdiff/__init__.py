@@ -12,8 +12,8 @@ from .errors import InvalidInputError, LatentDiffusionError, MissingFileError
 # name -> module that defines it, imported when the name is first read
 _LAZY = {
     "LatentDiffusion": ".generation.pipeline",
-    "GenerationResult": ".generation.pipeline",
-    "call_kwargs": ".generation.pipeline",
+    "GenerationResult": ".generation.result",
+    "call_kwargs": ".generation.recipe",
 }
 
 __all__ = [

@@ -7,7 +7,7 @@ Same as ``latentdiff train --config ...``; see training/README.md.
 
 import sys
 
-from latentdiff.train.loop import main
+from latentdiff.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

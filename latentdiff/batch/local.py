@@ -27,7 +27,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..checks import MAX_SEED, whole_number
+from ..checks import whole_number
 from ..errors import InvalidInputError, LatentDiffusionError, MissingFileError
 from ..fileio import atomic_write
 
@@ -229,9 +229,7 @@ def _row(obj: dict, row_id: str, line: int, defaults: Defaults, from_text: bool)
         height=number("height", int, defaults.height),
         scheduler=scheduler,
     )
-    check_values(row.n, row.steps, row.guidance, row.width, row.height, row.scheduler)
-    if row.seed is not None and not 0 <= row.seed <= MAX_SEED - (row.n - 1):
-        raise InvalidInputError(f"seed must be from 0 to 2**64-{row.n}, got {row.seed}")
+    check_values(row.n, row.steps, row.guidance, row.width, row.height, row.scheduler, row.seed)
     return row
 
 
@@ -374,21 +372,24 @@ def _on_main(state, fn):
     return result
 
 
-def check_values(n, steps, guidance, width, height, scheduler) -> None:
-    """The checks a row (or the CLI defaults) must pass before any model is loaded."""
-    from ..checks import check_float, check_size, positive_int
-    from ..generation.samplers import check_sampler_name
+def check_values(n, steps, guidance, width, height, scheduler, seed=None) -> None:
+    """The checks a row (or the CLI defaults) must pass before any model is loaded: the pipeline
+    call's own rules (``generation.request``) under the row's column names, plus the most one row
+    may ask for."""
+    from ..generation import request as rules
 
-    if positive_int(n, "n") > MAX_IMAGES_PER_ROW:
+    if rules.check_count(n, "n") > MAX_IMAGES_PER_ROW:
         raise InvalidInputError(f"n must be at most {MAX_IMAGES_PER_ROW} images per row, got {n}")
-    if positive_int(steps, "steps") > MAX_STEPS:
+    if rules.check_steps(steps, "steps") > MAX_STEPS:
         raise InvalidInputError(f"steps must be at most {MAX_STEPS}, got {steps}")
-    check_float(guidance, "guidance", 0.0, None, "7.5 is usual")
+    rules.check_guidance(guidance, "guidance")
     for name, value in (("width", width), ("height", height)):
-        if value is not None and check_size(name, value, 8) > MAX_SIDE:
+        if value is not None and rules.check_side(value, name, 8) > MAX_SIDE:
             raise InvalidInputError(f"{name} must be at most {MAX_SIDE}, got {value}")
     if scheduler is not None:
-        check_sampler_name(scheduler)
+        rules.check_scheduler(scheduler)
+    if seed is not None:
+        rules.expand_seeds(seed, n)  # seed, seed + 1, ..., seed + n - 1 must all be seeds
 
 
 def _batch_key(item: Item):

@@ -1,8 +1,11 @@
 """Image recipes: what is needed to make an image again, stored inside its PNG.
 
-A PNG written by latentdiff carries one ``tEXt`` chunk, key ``latentdiff``, whose value is the
-JSON of the image's ``params`` (prompt, negative prompt, seed, steps, guidance, scheduler, size,
-model source and weight hash, library version).
+Every image of a call gets a recipe, its ``params`` (:func:`image_params`): prompt, negative
+prompt, seed, steps, guidance, scheduler, size, model source and weight hash, LoRAs and
+embeddings, input images, library version. A PNG written by latentdiff carries it in one ``tEXt``
+chunk, key ``latentdiff``, as JSON (:func:`save_png`, :func:`read_recipe`); :func:`call_kwargs` turns
+it back into the call that remakes the image, and :func:`remake_differences` says when a remake
+cannot promise the same pixels.
 """
 
 from __future__ import annotations
@@ -15,6 +18,59 @@ from ..errors import InvalidInputError, MissingFileError
 from ..fileio import atomic_write
 
 PNG_KEY = "latentdiff"
+# Keys of an image's params that are also arguments of LatentDiffusion.__call__.
+CALL_KEYS = (
+    "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
+    "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip", "image", "strength",
+    "hires_scale", "hires_strength", "hires_upscale", "mask_image",
+)  # fmt: skip
+
+
+def image_params(pipe, request) -> list[dict[str, Any]]:
+    """One recipe per image of ``request`` (a ``Request``) run on ``pipe``, in image order."""
+    from .._version import __version__
+    from .images import image_hash
+
+    base = {
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "guidance_rescale": request.guidance_rescale,
+        "scheduler": request.scheduler,
+        "scheduler_class": request.scheduler_class,
+        "clip_skip": request.clip_skip,
+        "eta": request.eta,
+        "height": request.height,
+        "width": request.width,
+        "model": pipe.source,
+        "model_hash": pipe.weight_hash(),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "device": pipe.device.type,
+        # Kernels round differently at other batch sizes (~1e-6): an image remade alone from a
+        # batch may differ by one pixel level. Recorded so a remake can say so.
+        "batch_size": request.total,
+        "latentdiff_version": __version__,
+    }
+    if pipe.loras.adapters:  # not in the weight hash unless fused: recorded so a remake can reapply them
+        base["loras"] = pipe.loras.records()
+    if pipe.embeddings:
+        base["embeddings"] = [e.record() for e in pipe.embeddings]
+    if request.images is not None:
+        base["strength"] = request.strength
+    if request.hires_scale is not None:
+        base.update(hires_scale=request.hires_scale, hires_strength=request.hires_strength,
+                    hires_upscale=request.hires_upscale)  # fmt: skip
+    n = request.n
+    params = [
+        {"prompt": request.prompts[i // n], "negative_prompt": request.negatives[i // n], "seed": seed, **base}
+        for i, seed in enumerate(request.seeds)
+    ]
+    if request.images is not None:  # which input each image came from (a path, or only its hash)
+        for p, name, image in zip(params, request.per_image(request.image_names), request.per_image(request.images)):
+            p["image"], p["image_hash"] = name, image_hash(image)
+        if request.masks is not None:
+            for p, name, mask in zip(params, request.per_image(request.mask_names), request.per_image(request.masks)):
+                p["mask_image"], p["mask_hash"] = name, image_hash(mask)
+    return params
 
 
 def save_png(image, path: str | Path, params: dict[str, Any], *, exclusive: bool = False) -> Path:
@@ -55,3 +111,51 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(recipe, dict) or "prompt" not in recipe or "seed" not in recipe:
         raise InvalidInputError(f"the recipe in {path} lacks a prompt or seed; the file was edited or damaged")
     return recipe
+
+
+def call_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline arguments that remake the image described by ``params`` (an image's recipe)."""
+    if params.get("prompt") is None:
+        raise InvalidInputError("this image was made from prompt_embeds; its recipe cannot remake it")
+    for key in ("image", "mask_image"):
+        if params.get(f"{key.split('_')[0]}_hash") and not params.get(key):
+            raise InvalidInputError(f"this image's {key} was given as an image object, not a file; its recipe cannot remake it")
+    return {k: params[k] for k in CALL_KEYS if k in params}
+
+
+def remake_differences(recipe: dict[str, Any], pipe) -> list[str]:
+    """Why remaking ``recipe`` on ``pipe`` may not give the original image bit for bit (empty: it will)."""
+    reasons = []
+    if recipe.get("model_hash") not in (None, pipe.weight_hash()):
+        reasons.append(f"the weights differ (hash {pipe.weight_hash()}, recipe {recipe['model_hash']})")
+    if recipe.get("device") not in (None, pipe.device.type):
+        reasons.append(f"it was made on {recipe['device']}, this runs on {pipe.device.type}")
+    if (recipe.get("batch_size") or 1) > 1:
+        reasons.append(f"it was made in a batch of {recipe['batch_size']} and is remade alone (pixels may differ by 1 level)")
+    for key, hash_key in (("image", "image_hash"), ("mask_image", "mask_hash")):
+        if recipe.get(key) and Path(recipe[key]).is_file():
+            from .images import image_hash, load_image
+
+            if image_hash(load_image(recipe[key])) != recipe.get(hash_key):
+                reasons.append(f"the input {recipe[key]} has changed since")
+    if recipe.get("scheduler") is None and recipe.get("scheduler_class") not in (None, type(pipe.scheduler).__name__):
+        reasons.append(f"it used {recipe['scheduler_class']}, the model's scheduler is {type(pipe.scheduler).__name__}")
+    return reasons
+
+
+def reapply_loras(pipe, recorded: list[dict[str, Any]]) -> list[str]:
+    """Load the LoRAs a recipe lists (``params["loras"]``) whose files are still there unchanged, fused
+    if they were; returns one line for each that is missing or changed (it is left out)."""
+    from ..models.hashing import file_sha256
+
+    problems = []
+    for entry in recorded:
+        path = entry.get("path")
+        if not path or not Path(path).is_file() or file_sha256(path) != entry.get("sha256"):
+            problems.append(f"the recipe used LoRA {entry.get('name')!r} ({path}), which is missing or "
+                            "has changed; remaking without it (pass --lora to choose)")  # fmt: skip
+            continue
+        pipe.load_lora(path, scale=entry.get("scale", 1.0), name=entry.get("name"))
+    if any(entry.get("fused") for entry in recorded):
+        pipe.fuse_lora()
+    return problems

@@ -10,7 +10,7 @@ scheduler class would silently change, for example, ``timestep_spacing``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import InvalidInputError
 
@@ -66,6 +66,15 @@ def make_scheduler(name: str, model_config: dict[str, Any]):
     cls = getattr(diffusers, spec.class_name)
     config = {k: v for k, v in model_config.items() if k != "_class_name"}
     return cls.from_config(config, **spec.options)
+
+
+def fresh_scheduler(pipe, name: Optional[str]):
+    """A new scheduler for one run (schedulers keep per-run state): sampler ``name`` built from the
+    model's raw config, or with None a new instance of ``pipe.scheduler`` (the model's own, or
+    whatever the user set it to) with its config."""
+    if name is None:
+        return type(pipe.scheduler).from_config(pipe.scheduler.config)
+    return make_scheduler(name, pipe.scheduler_config)
 
 
 def scheduler_from_config(model_config: dict[str, Any]):

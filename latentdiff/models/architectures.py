@@ -11,8 +11,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ..errors import InvalidInputError
 from .tokenizer import EOS, load_clip_tokenizer
 
@@ -245,6 +243,8 @@ def build_components(name: str, seed: int = 0, overrides: dict[str, dict[str, An
 
 @contextlib.contextmanager
 def _seeded(seed: int):
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

@@ -656,10 +656,3 @@ def _have_tensorboard() -> bool:
     except ImportError:
         return False
     return True
-
-
-def main(argv=None) -> int:
-    """``training/train.py --config FILE [--set key=value ...]`` (under ``accelerate launch``)."""
-    from ..cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])

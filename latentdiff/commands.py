@@ -1,0 +1,280 @@
+"""What each ``latentdiff`` subcommand does, given its parsed arguments (``cli.py`` parses and
+dispatches). Heavy libraries are imported inside the commands, so that parsing stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .distributed import end_process_group
+from .errors import InvalidInputError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def generate(args) -> int:
+    from .generation.recipe import call_kwargs, read_recipe, remake_differences
+    from .generation.result import prepare_output
+    from .models.single_file import VARIANTS
+
+    request: dict = {}
+    recipe: dict = {}
+    model, preset, preset_seed, variant = args.model, args.preset, args.preset_seed, None
+    if args.from_png:
+        recipe = read_recipe(args.from_png)
+        request = call_kwargs(recipe)
+        if model is None and preset is None:  # the recipe's own model unless one is named
+            source = recipe.get("model")
+            if not isinstance(source, dict) or not (source.get("path") or source.get("preset")):
+                raise InvalidInputError(f"the recipe in {args.from_png} names no model; pass --model or --preset")
+            model, preset, preset_seed = source.get("path"), source.get("preset"), source.get("seed", 0)
+            variant = source.get("variant") if source.get("variant") in VARIANTS else None
+    elif args.prompt is None:
+        raise InvalidInputError("give a prompt, e.g. latentdiff generate \"a red apple\", or --from-png FILE")
+    overrides = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.cfg,
+        "guidance_rescale": args.rescale,
+        "scheduler": args.scheduler,
+        "eta": args.eta,
+        "seed": args.seed,
+        "clip_skip": args.clip_skip,
+        "image": args.image,
+        "mask_image": args.mask,
+        "strength": args.strength,
+        "hires_scale": args.hires,
+        "hires_strength": args.hires_strength,
+        "hires_upscale": args.hires_upscale,
+    }
+    if args.size is not None:
+        overrides["width"], overrides["height"] = args.size
+    request.update({k: v for k, v in overrides.items() if v is not None})
+    if args.num_images is not None:
+        if args.from_png:
+            raise InvalidInputError("--from-png remakes one image; drop -n")
+        request["num_images_per_prompt"] = args.num_images
+
+    import torch
+
+    dtype = args.dtype or recipe.get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"the recipe asks for dtype {dtype!r}; pass --dtype, one of {', '.join(DTYPES)}")
+    device = _device(args.device)
+    prepare_output(args.output)
+    pipe = _load(model, preset, preset_seed, variant).to(device, getattr(torch, dtype))
+    _apply_loras(pipe, args.lora, recipe.get("loras") if args.from_png else None)
+    if args.fast:  # after the LoRAs; half precision on CUDA unless a dtype was asked for (or the recipe names one)
+        pipe.optimize(dtype=dtype if (args.dtype or recipe.get("dtype")) else None)
+    if args.from_png and (reasons := remake_differences(recipe, pipe)):
+        print(f"latentdiff: warning: the image may not match: {'; '.join(reasons)}", file=sys.stderr)
+    result = pipe(**request, progress=not args.no_progress)
+    for record in pipe.compile_report:  # what the first call of each shape cost
+        print(f"latentdiff: {record}", file=sys.stderr)
+    for path in result.save(args.output):
+        print(path)
+    return 0
+
+
+def batch(args) -> int:
+    from .batch.local import BatchConfig, Defaults, run_batch
+
+    width, height = args.size if args.size is not None else (None, None)
+    config = BatchConfig(
+        prompts=Path(args.prompts),
+        out=Path(args.out),
+        model=args.model,
+        preset=args.preset,
+        preset_seed=args.preset_seed,
+        batch_size=args.batch_size,
+        base_seed=args.seed,
+        device=None if args.device is None else _device(args.device),
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        loras=tuple(_lora_specs(args.lora)),
+        fast=args.fast,
+        defaults=Defaults(
+            negative_prompt=args.negative, n=args.num_images, steps=args.steps, guidance=args.cfg,
+            width=width, height=height, scheduler=args.scheduler,
+        ),
+    )  # fmt: skip
+    try:
+        code = run_batch(config)
+    except BaseException:
+        end_process_group(clean=False)
+        raise
+    end_process_group(clean=True)
+    return code
+
+
+def train(args) -> int:
+    from .train.config import TrainConfig
+    from .train.loop import train as run
+
+    try:
+        result = run(TrainConfig.load(args.config, args.set))
+    except BaseException:
+        end_process_group(clean=False)
+        raise
+    end_process_group(clean=True)
+    if result.main_process:
+        print(f"done: {result.steps} steps; result in {result.lora_file or result.model_dir or result.output_dir}")
+    return 0
+
+
+def convert(args) -> int:
+    from .generation.pipeline import LatentDiffusion
+    from .models.single_file import SINGLE_FILE_SUFFIXES
+
+    source = Path(args.input)
+    if source.is_file():
+        pipe = LatentDiffusion.from_single_file(source, variant=args.variant, strict=not args.no_strict)
+    elif args.variant or args.no_strict:
+        raise InvalidInputError("--variant and --no-strict apply to a single-file input, not a folder")
+    else:
+        pipe = LatentDiffusion.from_pretrained(source)
+    if args.dtype:
+        import torch
+
+        pipe.to(dtype=getattr(torch, args.dtype))
+    target = Path(args.output)
+    if target.resolve() == source.resolve():
+        raise InvalidInputError("the output is the input; give another name")
+    if target.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        print(pipe.save_single_file(target))
+    else:
+        print(pipe.save_pretrained(target))
+    return 0
+
+
+def info(args) -> int:
+    if args.model is None and args.preset is None:
+        raise InvalidInputError("give a model folder or --preset NAME")
+    described = _load(args.model, args.preset).describe()
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    print(f"source: {json.dumps(described['source'])}")
+    print(f"weight hash: {described['weight_hash']}")
+    print(f"default size: {described['default_size'][0]}x{described['default_size'][1]}, "
+          f"prediction: {described['prediction_type']}")  # fmt: skip
+    total = 0
+    for name, part in described["components"].items():
+        if "parameters" in part:
+            total += part["parameters"]
+            print(f"  {name:<13} {part['class']:<22} {part['parameters']:>14,} params  {part['dtype']}")
+        else:
+            print(f"  {name:<13} {part['class']:<22} vocabulary {part['vocab_size']:,}")
+    print(f"  {'total':<13} {'':<22} {total:>14,} params")
+    print("scheduler config:")
+    for key, value in sorted(described["scheduler"].items()):
+        print(f"  {key} = {json.dumps(value)}")
+    return 0
+
+
+def schedules(args) -> int:
+    from .train.noise_schedules import NOISE_SCHEDULES, alphas_cumprod, log_snr, plot_schedules
+
+    T = args.timesteps
+    if T < 2:
+        raise InvalidInputError(f"--timesteps must be at least 2, got {T}")
+    if args.plot:  # first, so a bad file name fails before anything is printed
+        plot_schedules(args.plot, T)
+    marks = sorted({1, T // 4, T // 2, 3 * T // 4, T})
+    print(f"{'schedule':<34}" + "".join(f"{'abar_' + str(t):>12}" for t in marks) + f"{'logSNR_T':>12}")
+    for name in NOISE_SCHEDULES:
+        for zsnr in (False, True):
+            ab = alphas_cumprod(name, T, zsnr)
+            label = name + (" + zero-terminal-SNR" if zsnr else "")
+            print(f"{label:<34}" + "".join(f"{ab[t - 1].item():>12.5f}" for t in marks) + f"{log_snr(ab)[-1].item():>12.2f}")
+    if args.plot:
+        print(Path(args.plot))
+    return 0
+
+
+def data(args) -> int:
+    from .data.builders import build
+
+    options = {"size": args.size, "count": args.count, "seed": args.seed, "source": args.source,
+               "font": args.font, "skin_tones": args.skin_tones}  # fmt: skip
+    allowed = {"shapes": {"size", "count", "seed"}, "emoji": {"size", "source", "font", "skin_tones"}}[args.name]
+    for key, value in options.items():
+        if value is not None and key not in allowed:
+            raise InvalidInputError(f"--{key.replace('_', '-')} does not apply to the {args.name} data set")
+    counts = build(args.name, args.out_dir, overwrite=args.overwrite, **options)
+    print(f"{args.out_dir}: " + ", ".join(f"{split} {n} images" for split, n in counts.items()))
+    return 0
+
+
+def evaluate(args) -> int:
+    from .evaluate import EvalConfig, format_table, write_report
+    from .evaluate import evaluate as run
+
+    config = EvalConfig(
+        data=[Path(d) for d in args.data], model=args.model, guidance=tuple(args.guidance), steps=args.steps,
+        scheduler=args.scheduler, prompts=args.prompts, captions=args.captions, top=args.top, space=args.space,
+        psnr_images=args.psnr_images, seed=args.seed, batch_size=args.batch_size,
+        device=_device(args.device), progress=args.progress, json_path=args.json,
+    )  # fmt: skip
+    if args.json and not Path(args.json).parent.is_dir():  # before minutes of work, not after
+        raise InvalidInputError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    report = run(config)
+    print(format_table(report))
+    if args.json:
+        print(write_report(report, args.json))
+    return 0
+
+
+def _load(model: Optional[str], preset: Optional[str], preset_seed: int = 0, variant: Optional[str] = None):
+    from .generation.pipeline import LatentDiffusion
+
+    if preset is not None:
+        return LatentDiffusion.from_preset(preset, seed=preset_seed)
+    if variant is not None and model is not None and Path(model).is_file():  # a single file read as a given variant
+        return LatentDiffusion.from_single_file(model, variant=variant)
+    return LatentDiffusion.from_pretrained(model)
+
+
+def _device(name: Optional[str]) -> str:
+    """The torch device to run on: ``name`` checked, or CUDA when there is one."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InvalidInputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    return name
+
+
+def _lora_specs(specs) -> list[tuple[str, float]]:
+    from .models.lora import parse_lora_spec
+
+    return [parse_lora_spec(s) for s in specs or []]
+
+
+def _apply_loras(pipe, specs, recorded) -> None:
+    """Apply --lora files; with --from-png and no --lora, the recipe's LoRAs if their files are unchanged."""
+    if specs or not recorded:
+        for path, scale in _lora_specs(specs):
+            pipe.load_lora(path, scale=scale)
+        return
+    from .generation.recipe import reapply_loras
+
+    for problem in reapply_loras(pipe, recorded):
+        print(f"latentdiff: warning: {problem}", file=sys.stderr)
+
+
+# subcommand -> what runs it
+COMMANDS = {"generate": generate, "batch": batch, "info": info, "schedules": schedules, "convert": convert,
+            "data": data, "eval": evaluate, "train": train}  # fmt: skip
