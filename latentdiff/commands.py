@@ -81,7 +81,8 @@ def generate(args) -> int:
 
 
 def batch(args) -> int:
-    from .batch.local import BatchConfig, Defaults, run_batch
+    from .batch.local import BatchConfig, run_batch
+    from .batch.rows import Defaults
 
     width, height = args.size if args.size is not None else (None, None)
     config = BatchConfig(

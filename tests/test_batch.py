@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import free_port
 
-from latentdiff.batch.local import Defaults, Row, expand, image_seed, read_rows
+from latentdiff.batch.rows import Defaults, Row, expand, image_seed, read_rows
 from latentdiff.cli import main
 from latentdiff.generation.recipe import read_recipe
 
