@@ -18,7 +18,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 def generate(args) -> int:
     from .generation.recipe import call_kwargs, read_recipe, remake_differences
     from .generation.result import prepare_output
-    from .models.single_file import VARIANTS
+    from .models.architectures import VARIANTS
 
     request: dict = {}
     recipe: dict = {}

@@ -136,7 +136,8 @@ def test_detection_from_keys_and_shapes(preset):
 def test_release_files_have_every_key_accounted_for(preset):
     """Release files also hold EMA and schedule buffers, CLIP's position ids, and (SD 2.x) OpenCLIP's
     24th layer and contrastive head: known and unused, not unexpected. Shapes on the meta device."""
-    from latentdiff.models.single_file import _build, account, model_rules
+    from helpers import build_nets as _build
+    from latentdiff.models.single_file import account, model_rules
 
     tensors = _meta_checkpoint(preset)
     arch = detect_architecture(tensors, {})

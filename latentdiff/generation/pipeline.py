@@ -185,7 +185,7 @@ class LatentDiffusion:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return architectures.downscale_factor(self.vae)
 
     def weight_hash(self) -> str:
         """Hash of all network weights (see ``metadata.weight_hash``).

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidInputError
+from ..models.architectures import downscale_factor
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -69,7 +70,7 @@ def tiled(vae, options: VaeOptions, on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = downscale_factor(vae)
     names = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
     saved = {name: getattr(vae, name) for name in names}
     vae.use_tiling = True
@@ -101,7 +102,7 @@ def decode(vae, latents: torch.Tensor, options: VaeOptions | None = None) -> tor
 def decode_unscaled(vae, z: torch.Tensor, options: VaeOptions | None = None) -> torch.Tensor:
     """Latents as the VAE makes them (not multiplied by ``scaling_factor``) -> pixels (B, 3, H, W)."""
     options = options or VaeOptions()
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = downscale_factor(vae)
     options.check(f)
     exact = z.to(vae.device)  # kept for a float32 retry: the latents before rounding to half precision
     z = exact.to(vae.dtype)
@@ -121,7 +122,7 @@ def encode(vae, pixels: torch.Tensor, options: VaeOptions | None = None):
     """Pixels (B, 3, H, W) in [-1, 1] -> the posterior (diffusers' ``DiagonalGaussianDistribution``,
     unscaled), tiled above the size threshold; a non-finite half-precision result is redone in fp32."""
     options = options or VaeOptions()
-    options.check(2 ** (len(vae.config.block_out_channels) - 1))
+    options.check(downscale_factor(vae))
     x = pixels.to(vae.device, vae.dtype)
     with tiled(vae, options, wants_tiling(options, x.shape[-2], x.shape[-1])):
         posterior = vae.encode(x).latent_dist

@@ -1,15 +1,23 @@
-"""Named architectures: the configuration of every component, and random-weight builders.
+"""Architectures: one record type for every model shape, and the one builder of its parts.
 
-A preset is only configuration (diffusers / transformers config dicts); the components are
-the libraries' own classes. ``tiny`` is for tests; ``sd15`` and ``sd21`` are the real
-Stable Diffusion 1.5 and 2.1 (768-v) shapes, for benchmarks and training from scratch.
+An :class:`Architecture` is only configuration (diffusers / transformers config dicts); the parts
+are the libraries' own classes, made by :func:`build_components`. Two registries hold records:
+
+- :data:`PRESETS`, what ``from_preset`` / ``--preset`` build with random weights: ``tiny`` for
+  tests, ``small`` and ``mini`` for training from scratch, ``sd15`` and ``sd21`` the real Stable
+  Diffusion 1.5 and 2.1 (768-v) shapes, for benchmarks;
+- :data:`VARIANTS`, what a single-file checkpoint may be (``sd1``, ``sd2``, ``sd2-v``), derived from
+  the ``sd15`` / ``sd21`` presets, so that no configuration is ever downloaded.
+
+This module imports torch, diffusers and transformers only when it builds: the command line reads
+the names without them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Union
 
 from ..errors import InvalidInputError
 from .tokenizer import EOS, load_clip_tokenizer
@@ -81,19 +89,33 @@ def _text_encoder(width: int, layers: int) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Preset:
-    """Everything needed to build one architecture with random weights."""
+class Architecture:
+    """Everything needed to build a model's parts: each part's config, as a diffusers folder holds it."""
 
     name: str
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    text_encoder: dict[str, Any]
-    scheduler: dict[str, Any]
-    tokenizer: dict[str, Any] = field(default_factory=lambda: {"pad_token": EOS})
+    unet: dict[str, Any]  # UNet2DConditionModel config
+    vae: dict[str, Any]  # AutoencoderKL config
+    text_encoder: dict[str, Any]  # CLIPTextConfig entries (vocabulary size and special ids come from the tokenizer)
+    scheduler: dict[str, Any]  # scheduler_config.json
+    tokenizer: dict[str, Any] = field(default_factory=lambda: {"pad_token": EOS})  # load_clip_tokenizer options
+    added_tokens: tuple[str, ...] = ()  # tokens beyond CLIP's vocabulary (textual inversions saved into a file)
+    description: str = ""  # for messages: "SD 1.x (CLIP ViT-L, epsilon, 512)"
+    reason: str = ""  # why a checkpoint was read as this architecture (given, embedded, detected)
+
+    def with_overrides(self, overrides: Optional[dict[str, dict[str, Any]]]) -> "Architecture":
+        """This architecture with single config entries replaced: ``{"unet": {...}, "vae": {...},
+        "text_encoder": {...}}`` (a from-scratch training run's ``[model.unet_config]`` etc.)."""
+        changed = self
+        for part, values in (overrides or {}).items():
+            if part not in ("unet", "vae", "text_encoder"):
+                raise InvalidInputError(f"architecture overrides name unet, vae or text_encoder, not {part!r}")
+            if values:
+                changed = replace(changed, **{part: {**getattr(changed, part), **values}})
+        return changed
 
 
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
+PRESETS: dict[str, Architecture] = {
+    "tiny": Architecture(
         name="tiny",
         unet={
             "sample_size": 8,
@@ -127,7 +149,7 @@ PRESETS: dict[str, Preset] = {
     # A small model for training from scratch on 64-128 px images: a VAE that downsamples by 4
     # (64x64 pixels -> 16x16x4 latents, so fine detail survives), a three-level U-Net, and a
     # 6-layer text encoder over the full CLIP vocabulary. About 27M parameters in all.
-    "small": Preset(
+    "small": Architecture(
         name="small",
         unet={**_SMALL_UNET, "layers_per_block": 2, "cross_attention_dim": 256},
         vae=_SMALL_VAE,
@@ -138,7 +160,7 @@ PRESETS: dict[str, Preset] = {
     # cut to fit 25 MB in fp16 with its tokenizer (~10M parameters, most of them the 64-wide token
     # embedding of the full CLIP vocabulary), and a DDIM scheduler config for v-prediction with
     # zero terminal SNR, which is how it is trained (training/configs/default-model.toml).
-    "mini": Preset(
+    "mini": Architecture(
         name="mini",
         unet={**_SMALL_UNET, "layers_per_block": 1, "cross_attention_dim": 64},
         vae=_SMALL_VAE,
@@ -152,7 +174,7 @@ PRESETS: dict[str, Preset] = {
             "set_alpha_to_one": False,
         },
     ),
-    "sd15": Preset(
+    "sd15": Architecture(
         name="sd15",
         unet={**_SD_UNET_BLOCKS, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
         vae=_SD_VAE,
@@ -166,7 +188,7 @@ PRESETS: dict[str, Preset] = {
         },
         scheduler=_SD_SCHEDULER,
     ),
-    "sd21": Preset(
+    "sd21": Architecture(
         name="sd21",
         unet={
             **_SD_UNET_BLOCKS,
@@ -191,44 +213,62 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str) -> Preset:
+def _variants() -> dict[str, Architecture]:
+    sd15, sd21 = PRESETS["sd15"], PRESETS["sd21"]
+    eps_scheduler = {**sd15.scheduler, "prediction_type": "epsilon"}
+    return {
+        "sd1": replace(sd15, name="sd1", description="SD 1.x (CLIP ViT-L, epsilon, 512)", scheduler=eps_scheduler),
+        # SD 2.0 / 2.1 base: the 768-v U-Net trained at 512 with epsilon prediction
+        "sd2": replace(sd21, name="sd2", description="SD 2.x base (OpenCLIP ViT-H, epsilon, 512)",
+                       unet={**sd21.unet, "sample_size": 64}, vae={**sd21.vae, "sample_size": 512},
+                       scheduler=eps_scheduler),
+        "sd2-v": replace(sd21, name="sd2-v", description="SD 2.x 768-v (OpenCLIP ViT-H, v-prediction, 768)"),
+    }  # fmt: skip
+
+
+VARIANTS = _variants()
+
+
+def get_preset(name: str) -> Architecture:
     try:
         return PRESETS[name]
     except KeyError:
         raise InvalidInputError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-def build_components(name: str, seed: int = 0, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Random-weight components of preset ``name``; the same ``seed`` gives the same weights.
+def build_components(
+    architecture: Union[str, Architecture],
+    seed: int = 0,
+    overrides: Optional[dict[str, dict[str, Any]]] = None,
+    *,
+    empty: bool = False,
+) -> dict[str, Any]:
+    """The parts of ``architecture`` (a preset name or a record), as ``LatentDiffusion(**parts)`` takes them.
 
-    ``overrides`` ({"unet": {...}, "vae": {...}, "text_encoder": {...}}) replace single entries of the
-    preset's configs (a from-scratch training run's ``[model.unet_config]`` etc.). The caller's global
-    RNG state is left untouched (weights are drawn inside ``fork_rng``).
+    Weights are random, drawn from ``seed`` (the same seed gives the same weights; the caller's
+    global RNG state is left untouched), or with ``empty`` not made at all (parameters on the meta
+    device, buffers real: a single-file load assigns the file's tensors). ``overrides`` replace
+    single config entries (:meth:`Architecture.with_overrides`). Every part is in eval mode and
+    frozen.
     """
-    from dataclasses import replace
-
+    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    preset = get_preset(name)
-    for part, values in (overrides or {}).items():
-        if part not in ("unet", "vae", "text_encoder"):
-            raise InvalidInputError(f"architecture overrides name unet, vae or text_encoder, not {part!r}")
-        if values:
-            preset = replace(preset, **{part: {**getattr(preset, part), **values}})
-    tokenizer = load_clip_tokenizer(**preset.tokenizer)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **preset.text_encoder,
-    )
-    with _seeded(seed):
-        # One stream of draws, always in this order, so each part depends only on (name, seed).
-        unet = UNet2DConditionModel(**preset.unet)
-        vae = AutoencoderKL(**preset.vae)
+    arch = get_preset(architecture) if isinstance(architecture, str) else architecture
+    arch = arch.with_overrides(overrides)
+    tokenizer = load_clip_tokenizer(**arch.tokenizer)
+    if arch.added_tokens:
+        tokenizer.add_tokens(list(arch.added_tokens))
+    text_config = CLIPTextConfig(**{
+        "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, **arch.text_encoder,
+    })  # fmt: skip
+    with init_empty_weights() if empty else _seeded(seed):
+        # One stream of draws, always in this order, so each part depends only on (architecture, seed).
+        unet = UNet2DConditionModel.from_config(_settings(arch.unet))
+        vae = AutoencoderKL.from_config(_settings(arch.vae))
         text_encoder = CLIPTextModel(text_config)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
@@ -237,8 +277,19 @@ def build_components(name: str, seed: int = 0, overrides: dict[str, dict[str, An
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
-        "scheduler_config": dict(preset.scheduler),
+        "scheduler_config": dict(arch.scheduler),
     }
+
+
+def downscale_factor(module) -> int:
+    """How much a VAE (or U-Net) shrinks an image's side: each level of ``block_out_channels`` but
+    the last halves it (8 for Stable Diffusion's VAE)."""
+    return 2 ** (len(module.config.block_out_channels) - 1)
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without the bookkeeping keys diffusers writes (``_class_name``, ``_diffusers_version``)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ Loading (:func:`load_single_file`):
 1. the file is read safely (``safe_load``: safetensors, or a pickle through ``weights_only``);
 2. the architecture comes from, in this order: the ``variant`` argument; the configuration our
    exporter embeds in the file; detection from keys and shapes among the shipped variants
-   (:data:`VARIANTS`, built from the ``sd15`` / ``sd21`` presets: no download, ever);
+   (``architectures.VARIANTS``, built from the ``sd15`` / ``sd21`` presets: no download, ever);
 3. every key is accounted for with the rules of ``ldm_layout``: each is loaded, or known and
    unused (EMA copies, schedule buffers, OpenCLIP's last layer and projection), or reported.
    Missing, unexpected or misshapen keys are an error listing them; ``strict=False`` prints the
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,42 +27,13 @@ import torch
 
 from ..errors import InvalidInputError
 from . import ldm_layout as L
-from .architectures import PRESETS
+from .architectures import VARIANTS, Architecture, build_components
 from .safe_load import PICKLES, SAFETENSORS, read_tensor_file, write_tensor_file
-from .tokenizer import EOS, VOCAB_SIZE, load_clip_tokenizer
+from .tokenizer import VOCAB_SIZE
 
 META_KEY = "latentdiff"  # safetensors metadata / checkpoint entry holding our JSON configuration
 SINGLE_FILE_SUFFIXES = SAFETENSORS + PICKLES
 
-
-@dataclass(frozen=True)
-class Variant:
-    """A shipped architecture: the configs of every part, as a diffusers folder would hold them."""
-
-    name: str
-    description: str
-    unet: dict
-    vae: dict
-    text_encoder: dict
-    scheduler: dict
-    tokenizer: dict = field(default_factory=lambda: {"pad_token": EOS})
-
-
-def _variants() -> dict[str, Variant]:
-    sd15, sd21 = PRESETS["sd15"], PRESETS["sd21"]
-    eps_scheduler = {**sd15.scheduler, "prediction_type": "epsilon"}
-    return {
-        "sd1": Variant("sd1", "SD 1.x (CLIP ViT-L, epsilon, 512)", sd15.unet, sd15.vae, sd15.text_encoder,
-                       eps_scheduler, sd15.tokenizer),
-        # SD 2.0 / 2.1 base: the 768-v U-Net trained at 512 with epsilon prediction
-        "sd2": Variant("sd2", "SD 2.x base (OpenCLIP ViT-H, epsilon, 512)", {**sd21.unet, "sample_size": 64},
-                       {**sd21.vae, "sample_size": 512}, sd21.text_encoder, eps_scheduler, sd21.tokenizer),
-        "sd2-v": Variant("sd2-v", "SD 2.x 768-v (OpenCLIP ViT-H, v-prediction, 768)", sd21.unet, sd21.vae,
-                         sd21.text_encoder, sd21.scheduler, sd21.tokenizer),
-    }  # fmt: skip
-
-
-VARIANTS = _variants()
 
 # Known keys that no part of the pipeline uses: kept out of the "unexpected" list.
 _IGNORED = [
@@ -104,20 +75,6 @@ class KeyReport:
         return out
 
 
-@dataclass
-class Architecture:
-    """What a checkpoint is: the configs to build, and why they were chosen."""
-
-    unet: dict
-    vae: dict
-    text_encoder: dict
-    scheduler: dict
-    tokenizer: dict
-    name: str
-    reason: str
-    added_tokens: list[str] = field(default_factory=list)
-
-
 # -- reading ---------------------------------------------------------------------------------------
 
 
@@ -140,25 +97,22 @@ def detect_architecture(tensors: dict[str, torch.Tensor], info: dict[str, Any], 
     if variant is not None:
         if variant not in VARIANTS:
             raise InvalidInputError(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-        return _from_variant(VARIANTS[variant], "given")
+        return replace(VARIANTS[variant], reason="given")
     embedded = info.get(META_KEY)
     if isinstance(embedded, str):
         try:
             cfg = json.loads(embedded)
-            return Architecture(cfg["unet"], cfg["vae"], cfg["text_encoder"], cfg["scheduler"], cfg["tokenizer"],
-                                name="embedded", reason="configuration stored in the file by latentdiff",
-                                added_tokens=list(cfg.get("added_tokens", [])))  # fmt: skip
+            return Architecture(name="embedded", unet=cfg["unet"], vae=cfg["vae"], text_encoder=cfg["text_encoder"],
+                                scheduler=cfg["scheduler"], tokenizer=cfg["tokenizer"],
+                                added_tokens=tuple(cfg.get("added_tokens", [])),
+                                reason="configuration stored in the file by latentdiff")  # fmt: skip
         except (ValueError, KeyError, TypeError):
             pass  # damaged metadata: fall back to detection
-    return _from_variant(*_detect(tensors, info, path))
+    variant, reason = _detect(tensors, info, path)
+    return replace(variant, reason=reason)
 
 
-def _from_variant(v: Variant, reason: str) -> Architecture:
-    return Architecture(dict(v.unet), dict(v.vae), dict(v.text_encoder), dict(v.scheduler), dict(v.tokenizer),
-                        name=v.name, reason=reason)  # fmt: skip
-
-
-def _detect(tensors: dict[str, torch.Tensor], info: dict[str, Any], path) -> tuple[Variant, str]:
+def _detect(tensors: dict[str, torch.Tensor], info: dict[str, Any], path) -> tuple[Architecture, str]:
     """Pick a shipped variant from keys and shapes.
 
     SD 1.x and 2.x differ in their text encoder (``cond_stage_model.transformer`` = OpenAI CLIP,
@@ -193,40 +147,6 @@ def _detect(tensors: dict[str, torch.Tensor], info: dict[str, Any], path) -> tup
 
 
 # -- building and accounting -----------------------------------------------------------------------
-
-
-def _build(arch: Architecture, empty: bool):
-    """Empty (parameters on the meta device, buffers real) or freshly initialised parts."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = load_clip_tokenizer(**arch.tokenizer)
-    if arch.added_tokens:
-        tokenizer.add_tokens(arch.added_tokens)
-    text_config = CLIPTextConfig(**{
-        "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id, **arch.text_encoder,
-    })  # fmt: skip
-    clean = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
-    with init_empty_weights() if empty else _seeded_init():
-        unet = UNet2DConditionModel.from_config(clean(arch.unet))
-        vae = AutoencoderKL.from_config(clean(arch.vae))
-        text_encoder = CLIPTextModel(text_config)
-    return unet, vae, text_encoder, tokenizer
-
-
-def _seeded_init():
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            yield
-
-    return ctx()
 
 
 def model_rules(unet, vae, text_encoder) -> list[L.Rule]:
@@ -296,16 +216,16 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
     """Load a single-file checkpoint: (parts for ``LatentDiffusion(**parts)``, architecture, report)."""
     tensors, info = read_checkpoint(path)
     arch = detect_architecture(tensors, info, variant, path)
-    unet, vae, text_encoder, tokenizer = _build(arch, empty=True)
-    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    built = build_components(arch, empty=True)
+    parts = {name: built[name] for name in ("unet", "vae", "text_encoder")}
     try:
-        rules = model_rules(unet, vae, text_encoder)
+        rules = model_rules(*parts.values())
     except L.LayoutError as e:
         raise InvalidInputError(f"the architecture of {path} has no original-layout form ({e})") from None
     shapes = {(part, k): tuple(v.shape) for part, m in parts.items() for k, v in m.state_dict().items()}
-    report, states = account(tensors, rules, shapes, text_encoder.config.num_hidden_layers)
+    report, states = account(tensors, rules, shapes, parts["text_encoder"].config.num_hidden_layers)
     if "heuristic" in arch.reason:
-        print(f"latentdiff: {path}: read as {VARIANTS[arch.name].description} ({arch.reason}); "
+        print(f"latentdiff: {path}: read as {arch.description} ({arch.reason}); "
               f"pass variant= / --variant if that is wrong", file=sys.stderr)  # fmt: skip
     if not report.clean:
         summary = "; ".join(report.lines()[1:])
@@ -316,8 +236,8 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
             )
     complete = not (report.missing or report.mismatched)  # every model tensor has a value from the file
     if not complete:  # the others need initial values
-        unet, vae, text_encoder, tokenizer = _build(arch, empty=False)
-        parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+        built = build_components(arch)
+        parts = {name: built[name] for name in ("unet", "vae", "text_encoder")}
     for name, module in parts.items():
         module.load_state_dict(states[name], strict=complete, assign=complete)
         torch.nn.Module.to(module, dtype=dtype or torch.float32).eval().requires_grad_(False)  # (diffusers .to() warns)
@@ -325,7 +245,7 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
         print(f"latentdiff: {path} loaded with differences ({arch.name}, {arch.reason}):", file=sys.stderr)
         for line in report.lines():
             print(f"  {line}", file=sys.stderr)
-    return {**parts, "tokenizer": tokenizer, "scheduler_config": dict(arch.scheduler)}, arch, report
+    return {**parts, "tokenizer": built["tokenizer"], "scheduler_config": dict(arch.scheduler)}, arch, report
 
 
 # -- writing ---------------------------------------------------------------------------------------

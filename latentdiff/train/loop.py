@@ -28,6 +28,7 @@ from ..data.sources import scan, skipped_report
 from ..errors import InvalidInputError, MissingFileError
 from ..fileio import atomic_write
 from ..generation.images import grid
+from ..models.architectures import downscale_factor
 from ..tomlconfig import to_dict, to_toml
 from . import checkpoints
 from .config import TrainConfig, check_config
@@ -246,7 +247,7 @@ class Trainer:
         if not self.source.records:
             raise InvalidInputError(f"no usable training images in {config.data.path}")
         self.buckets, self.bucket_of = assign_buckets(self.source.records, config.data)
-        factor = self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        factor = downscale_factor(self.pipe.vae) * downscale_factor(self.pipe.unet)
         for w, h in self.buckets:
             if w % factor or h % factor:
                 raise InvalidInputError(

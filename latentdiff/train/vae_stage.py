@@ -19,6 +19,7 @@ import torch
 from ..data.buckets import BucketBatches, choose_view, render_view
 from ..data.dataset import TrainDataset
 from ..fileio import atomic_dir
+from ..models.architectures import downscale_factor
 from ..tomlconfig import to_toml
 from . import checkpoints
 from .objective import draw_global, step_seed
@@ -198,6 +199,6 @@ class _Autoencode(torch.nn.Module):
 
 
 def _latent_size(vae, pixels: torch.Tensor) -> tuple[int, int]:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downscale_factor(vae)
     return pixels.shape[-2] // factor, pixels.shape[-1] // factor
 
