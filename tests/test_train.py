@@ -131,6 +131,75 @@ def test_two_processes_equal_one_with_the_same_global_batch(shapes, tmp_path):
     assert_same_weights(two / "model", one.model_dir, atol=1e-5)
 
 
+def test_a_failure_in_main_only_checkpoint_code_ends_every_rank(shapes, tmp_path):
+    """The main process's part of a checkpoint save fails (a full disk): every rank must end with
+    that error, not wait at a barrier for ever. Two plain processes, started without a launcher
+    that would kill the survivor, so a hang would be a hang."""
+    script = tmp_path / "fail_on_main.py"
+    script.write_text(
+        "import os, sys\n"
+        "from latentdiff.train import checkpoints\n"
+        "def full_disk(folder):\n"
+        "    raise OSError(28, 'No space left on device (injected)')\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    checkpoints._fsync_tree = full_disk  # sealing a checkpoint, the main process alone\n"
+        "from latentdiff.cli import main\n"
+        "sys.exit(main(['train', *sys.argv[1:]]))\n"
+    )
+    command = [sys.executable, str(script), "--config", str(CONFIG), "--set", f"data.path={shapes}",
+               "--set", f"train.output_dir={tmp_path / 'out'}", "--set", "validation.prompts=[]",
+               "--set", "train.batch_size=1", "--set", "train.max_steps=2", "--set", "checkpoint.every=1"]  # fmt: skip
+    port, procs, logs = free_port(), [], []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        logs.append(open(tmp_path / f"rank{rank}.err", "w+"))
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1], start_new_session=True))
+    deadline = time.monotonic() + 300
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        hung = [rank for rank, p in enumerate(procs) if p.poll() is None]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    errors = [(tmp_path / f"rank{rank}.err").read_text() for rank in range(2)]
+    assert not hung, f"ranks {hung} still running 300 s later:\n" + "\n".join(e[-2000:] for e in errors)
+    assert [p.returncode for p in procs] == [1, 1], errors  # 1: the environment failed (an OSError), not a bug
+    assert "No space left on device (injected)" in errors[0]
+    assert "on the main process: [Errno 28] No space left on device (injected)" in errors[1]
+    assert not list((tmp_path / "out").glob("checkpoint-*"))  # nothing half-written under a final name
+
+
+def test_clipping_and_ema_act_on_the_parameters_prepare_gives(shapes, tmp_path, monkeypatch):
+    """accelerate's prepare may hand back modules holding new parameter tensors (FSDP2 swaps in
+    sharded ones and points the optimizer at them); gradient clipping and the EMA must act on those.
+    So a prepare that swaps every parameter for an equal new one must change nothing."""
+    from accelerate import Accelerator
+
+    settings = ["train.max_steps=3", "checkpoint.every=0", "train.ema=true", "optim.max_grad_norm=0.01"]
+    plain = train(config(shapes, tmp_path / "plain", *settings))
+    prepare = Accelerator.prepare
+
+    def swapping_prepare(self, *objects):
+        new = {}
+        for module in (o for o in objects if isinstance(o, torch.nn.Module)):
+            for name, param in list(module.named_parameters()):
+                owner, _, leaf = name.rpartition(".")
+                new[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                setattr(module.get_submodule(owner), leaf, new[id(param)])
+        for optimizer in (o for o in objects if isinstance(o, torch.optim.Optimizer)):
+            for group in optimizer.param_groups:
+                group["params"] = [new.get(id(p), p) for p in group["params"]]
+        return prepare(self, *objects)
+
+    monkeypatch.setattr(Accelerator, "prepare", swapping_prepare)
+    swapped = train(config(shapes, tmp_path / "swapped", *settings))
+    assert_same_weights(plain.model_dir, swapped.model_dir)
+
+
 # -- learning -----------------------------------------------------------------------------------
 
 
@@ -200,6 +269,23 @@ def test_vae_stage_trains_a_vae_and_reports_held_out_psnr(shapes, tmp_path):
         before = psnr(image, untrained.decode(untrained.encode(image).latent_dist.mean).sample)
         after = psnr(image, final.vae.decode(final.vae.encode(image).latent_dist.mean).sample)
     assert after > before + 3, (before, after)
+
+
+def test_max_steps_zero_runs_the_vae_stage_alone(shapes, tmp_path):
+    result = train(config(shapes, tmp_path / "vae-only", "vae.steps=2", "vae.batch_size=4", "vae.holdout=2",
+                          "train.max_steps=0", "checkpoint.every=0"))  # fmt: skip
+    out = tmp_path / "vae-only"
+    assert (out / "vae" / "config.json").is_file() and np.isfinite(result.vae_psnr)
+    assert result.steps == 0 and result.model_dir is None and result.lora_file is None
+    assert not (out / "model").exists() and not list(out.glob("checkpoint-*"))  # no U-Net stage at all
+
+
+def test_architecture_overrides_change_a_from_scratch_model(shapes, tmp_path):
+    result = train(config(shapes, tmp_path / "wider", "model.unet_config.layers_per_block=2",
+                          "model.vae_config.norm_num_groups=4", "train.max_steps=1", "checkpoint.every=0"))  # fmt: skip
+    model = LatentDiffusion.from_pretrained(result.model_dir)
+    assert model.unet.config.layers_per_block == 2 and model.vae.config.norm_num_groups == 4
+    assert model.unet.config.block_out_channels == LatentDiffusion.from_preset("tiny").unet.config.block_out_channels
 
 
 # -- objective ----------------------------------------------------------------------------------

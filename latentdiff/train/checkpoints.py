@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from ..distributed import on_main
 from ..errors import InvalidInputError, MissingFileError
 from ..fileio import atomic_write
 
@@ -59,29 +60,38 @@ def remove_stale(folder: Path) -> list[Path]:
 
 
 def save(accelerator, folder: Path, step: int, state: dict[str, Any], config_toml: str, keep: int) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint path."""
+    """Collective: every rank must call it. Returns the final checkpoint path.
+
+    The main process's own parts (the temporary folder; the config, the state file, the rename and
+    the pruning) run through ``on_main``: if one fails, every rank raises instead of waiting.
+    """
     final = folder / name(step)
     tmp = folder / f".{name(step)}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    on_main(_fresh_folder, tmp)
     accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_write(tmp / CONFIG_FILE, "w") as f:
-            f.write(config_toml)
-        _fsync_tree(tmp)
-        with atomic_write(tmp / STATE_FILE, "w") as f:  # written last: its presence marks a whole checkpoint
-            json.dump(state, f, indent=2)
-        if final.exists():  # the same step saved again (a resumed run's final save): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-        for old in complete(folder)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # every rank's files are in tmp before it is sealed
+    on_main(_seal, tmp, final, state, config_toml, keep)
     return final
+
+
+def _fresh_folder(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _seal(tmp: Path, final: Path, state: dict[str, Any], config_toml: str, keep: int) -> None:
+    """Main process: complete the checkpoint in ``tmp`` and move it into place as ``final``."""
+    with atomic_write(tmp / CONFIG_FILE, "w") as f:
+        f.write(config_toml)
+    _fsync_tree(tmp)
+    with atomic_write(tmp / STATE_FILE, "w") as f:  # written last: its presence marks a whole checkpoint
+        json.dump(state, f, indent=2)
+    if final.exists():  # the same step saved again (a resumed run's final save): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    for old in complete(final.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(accelerator, path: Path, strict: bool = True) -> dict[str, Any]:

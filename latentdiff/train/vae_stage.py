@@ -18,6 +18,7 @@ import torch
 
 from ..data.buckets import BucketBatches, choose_view, render_view
 from ..data.dataset import TrainDataset
+from ..distributed import on_main
 from ..fileio import atomic_dir
 from ..models.architectures import downscale_factor
 from ..tomlconfig import to_toml
@@ -60,103 +61,93 @@ def psnr(reference: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(psnr01(unit(reference), unit(image))).float()
 
 
-def train_vae(trainer) -> Path:
-    """Train ``trainer.pipe.vae`` on ``trainer.source``; returns ``<output_dir>/vae`` (skipped if it exists)."""
-    config, acc = trainer.config, trainer.accelerator
+def train_vae(session, pipe, data) -> Path:
+    """Train ``pipe.vae`` on the run's images (``data``, a ``TrainingData``); returns
+    ``<output_dir>/vae`` (skipped if it exists)."""
+    config, acc = session.config, session.accelerator
     stage = config.vae
-    target = trainer.out / "vae"
+    target = session.out / "vae"
     if (target / "config.json").is_file():
-        trainer.say(f"VAE stage already done: using {target}")
+        session.say(f"VAE stage already done: using {target}")
         return target
-    folder = trainer.out / "vae-stage"
-    vae = trainer.pipe.vae
+    folder = session.out / "vae-stage"
+    vae = pipe.vae
     vae.requires_grad_(True).train()
-    torch.nn.Module.to(vae, trainer.device, dtype=torch.float32)
+    torch.nn.Module.to(vae, session.device, dtype=torch.float32)
     if not config.model.vae_path and not (folder.is_dir() and checkpoints.complete(folder)):
         start_nearly_deterministic(vae)
-    records = trainer.source.records
+    records = data.source.records
     kept, held = split_holdout(len(records), stage.holdout, config.train.seed)
     size = (config.data.resolution, config.data.resolution)
-    dataset = TrainDataset(trainer.source, [size], [0] * len(records), config.data, config.train.seed)
-    batches = BucketBatches([0] * len(kept), stage.batch_size, config.train.seed, trainer.world, trainer.rank)
+    dataset = TrainDataset(data.source, [size], [0] * len(records), config.data, config.train.seed)
+    batches = BucketBatches([0] * len(kept), stage.batch_size, config.train.seed, session.world, session.rank)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=stage.lr, weight_decay=0.0)
     model, optimizer = acc.prepare(_Autoencode(vae), optimizer)  # forward through DDP, so gradients sync
 
-    if acc.is_main_process:
-        checkpoints.remove_stale(folder)
-    acc.wait_for_everyone()
-    step, epoch, position, micro = 0, 0, 0, 0
+    on_main(checkpoints.remove_stale, folder)
+    state = None
     resume = checkpoints.resolve("latest" if config.checkpoint.resume else "", folder)
     if resume is not None:
         state = checkpoints.load(acc, resume)
-        step, epoch, position, micro = state["step"], state["epoch"], state["position"], state["micro_step"]
-        trainer.say(f"VAE stage resumed from {resume.name}: step {step}")
-    bar = trainer._progress_bar(step, stage.steps, "VAE stage")
+        session.say(f"VAE stage resumed from {resume.name}: step {state['step']}")
+    steps = session.steps(stage.steps, "VAE stage", state)
     per_rank = stage.batch_size
-    while step < stage.steps:
-        batches.epoch, batches.start = epoch, position
-        for batch_keys in batches:
-            pixels = torch.stack([dataset[(e, kept[i])]["pixels"] for e, i in batch_keys]).to(trainer.device)  # (B, 3, H, W)
-            with acc.accumulate(model):
-                shape = (per_rank * trainer.world, vae.config.latent_channels, *_latent_size(vae, pixels))
-                eps = draw_global(shape, step_seed(config.train.seed, micro, "vae"), trainer.device, trainer.rank, per_rank)
-                recon, kl = model(pixels, eps)
-                # KL per latent element is summed over the latent by diffusers; normalise by pixels like the MSE
-                loss = torch.nn.functional.mse_loss(recon.float(), pixels) + stage.kl_weight * kl.mean() / pixels[0].numel()
-                acc.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            position += 1
-            micro += 1
-            if not acc.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % config.train.log_every == 0:
-                trainer.log({"vae_loss": acc.reduce(loss.detach(), reduction="mean").item()}, step)
-            if stage.eval_every and step % stage.eval_every == 0 and step != stage.steps:
-                value = _held_out_psnr(trainer, vae, held)
-                trainer.log({"vae_psnr": value}, step)
-                trainer.say(f"VAE step {step}: held-out PSNR {value:.2f} dB")
-            if config.checkpoint.every and step % config.checkpoint.every == 0 and step != stage.steps:
-                _save(trainer, folder, {"step": step, "epoch": epoch, "position": position, "micro_step": micro})
-            if step >= stage.steps:
-                break
-        else:
-            epoch, position = epoch + 1, 0
-    bar.close()
+    for batch_keys in steps.batches(batches):
+        pixels = torch.stack([dataset[(e, kept[i])]["pixels"] for e, i in batch_keys]).to(session.device)  # (B, 3, H, W)
+        with acc.accumulate(model):
+            shape = (per_rank * session.world, vae.config.latent_channels, *_latent_size(vae, pixels))
+            eps = draw_global(shape, step_seed(config.train.seed, steps.micro, "vae"), session.device, session.rank, per_rank)
+            recon, kl = model(pixels, eps)
+            # KL per latent element is summed over the latent by diffusers; normalise by pixels like the MSE
+            loss = torch.nn.functional.mse_loss(recon.float(), pixels) + stage.kl_weight * kl.mean() / pixels[0].numel()
+            acc.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not steps.advance(acc.sync_gradients):
+            continue
+        if steps.every(config.train.log_every):
+            session.log({"vae_loss": acc.reduce(loss.detach(), reduction="mean").item()}, steps.step)
+        if steps.due(stage.eval_every):
+            value = _held_out_psnr(session, data, vae, held)
+            session.log({"vae_psnr": value}, steps.step)
+            session.say(f"VAE step {steps.step}: held-out PSNR {value:.2f} dB")
+        if steps.due(config.checkpoint.every):
+            _save(session, folder, steps.state())
+    steps.close()
 
     vae.requires_grad_(False).eval()
-    value = _held_out_psnr(trainer, vae, held)
-    vae.register_to_config(scaling_factor=_latent_scale(trainer, vae, kept, dataset))
-    trainer.say(f"VAE stage done: held-out PSNR {value:.2f} dB on {len(held)} images; "
+    value = _held_out_psnr(session, data, vae, held)
+    vae.register_to_config(scaling_factor=_latent_scale(session, vae, kept, dataset))
+    session.say(f"VAE stage done: held-out PSNR {value:.2f} dB on {len(held)} images; "
                 f"scaling_factor {vae.config.scaling_factor:.5f}")  # fmt: skip
-    if acc.is_main_process:
-        with atomic_dir(target) as tmp:
-            vae.save_pretrained(tmp)
-            (tmp / "psnr.json").write_text(json.dumps({"held_out_psnr_db": value, "held_out_images": len(held), "steps": step}))
-    acc.wait_for_everyone()
+    on_main(_write_vae, vae, target, {"held_out_psnr_db": value, "held_out_images": len(held), "steps": steps.step})
     acc.free_memory()  # forget the VAE and its optimizer: the U-Net stage registers its own
-    trainer.result.vae_psnr = value
+    session.result.vae_psnr = value
     return target
 
 
+def _write_vae(vae, target: Path, report: dict) -> None:
+    with atomic_dir(target) as tmp:
+        vae.save_pretrained(tmp)
+        (tmp / "psnr.json").write_text(json.dumps(report))
+
+
 @torch.no_grad()
-def _held_out_psnr(trainer, vae, held: list[int]) -> float:
+def _held_out_psnr(session, data, vae, held: list[int]) -> float:
     """Mean PSNR of centre-cropped held-out images after encode (posterior mean) and decode; every rank computes it."""
     if not held:
         return float("nan")
     was_training = vae.training
     vae.eval()
     values = []
-    size = (trainer.config.data.resolution,) * 2
+    size = (session.config.data.resolution,) * 2
     for start in range(0, len(held), 8):
         images = []
         for i in held[start : start + 8]:
-            record = trainer.source.records[i]
-            view = choose_view(record.size, size, _centre(trainer.config.data), random.Random(0))
-            images.append(render_view(trainer.source.image(record), view))
-        pixels = torch.stack(images).to(trainer.device)
+            record = data.source.records[i]
+            view = choose_view(record.size, size, _centre(session.config.data), random.Random(0))
+            images.append(render_view(data.source.image(record), view))
+        pixels = torch.stack(images).to(session.device)
         recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample
         values.append(psnr(pixels, recon))
     vae.train(was_training)
@@ -164,11 +155,11 @@ def _held_out_psnr(trainer, vae, held: list[int]) -> float:
 
 
 @torch.no_grad()
-def _latent_scale(trainer, vae, kept: list[int], dataset) -> float:
+def _latent_scale(session, vae, kept: list[int], dataset) -> float:
     chosen = kept[:SCALE_SAMPLES]
     latents = []
     for start in range(0, len(chosen), 16):
-        pixels = torch.stack([dataset[(0, i)]["pixels"] for i in chosen[start : start + 16]]).to(trainer.device)
+        pixels = torch.stack([dataset[(0, i)]["pixels"] for i in chosen[start : start + 16]]).to(session.device)
         latents.append(vae.encode(pixels).latent_dist.mean.float())
     return float(1.0 / torch.cat(latents).std().clamp(min=1e-6))
 
@@ -179,10 +170,10 @@ def _centre(data_config):
     return replace(data_config, center_crop=True, random_flip=False)
 
 
-def _save(trainer, folder: Path, state: dict) -> None:
+def _save(session, folder: Path, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    state = {**state, "stage": "vae", "seed": trainer.config.train.seed}
-    checkpoints.save(trainer.accelerator, folder, state["step"], state, to_toml(trainer.config), trainer.config.checkpoint.keep)
+    state = {**state, "stage": "vae", "seed": session.config.train.seed}
+    checkpoints.save(session.accelerator, folder, state["step"], state, to_toml(session.config), session.config.checkpoint.keep)
 
 
 class _Autoencode(torch.nn.Module):

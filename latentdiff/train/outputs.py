@@ -1,0 +1,198 @@
+"""What a training run writes besides its checkpoints: validation grids, the final model folder
+or LoRA file, and the model card.
+
+The main process writes; the others wait for it through ``distributed.on_main``, so a failed
+write (a full disk) ends every process with an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from ..distributed import on_main
+from ..fileio import atomic_write
+from ..generation.images import grid
+from ..tomlconfig import to_toml
+from .config import TrainConfig
+from .objective import inference_scheduler_config
+from .setup import Run, TrainResult
+
+
+def inference_pipe(run: Run):
+    """A pipeline over the modules being trained (no copies), with the trained noise schedule."""
+    from ..generation.pipeline import LatentDiffusion
+
+    acc, pipe = run.session.accelerator, run.pipe
+    return LatentDiffusion(
+        unet=acc.unwrap_model(run.unet),
+        vae=pipe.vae,
+        text_encoder=acc.unwrap_model(run.text_encoder),
+        tokenizer=pipe.tokenizer,
+        scheduler_config=inference_scheduler_config(pipe.scheduler_config, run.noise_scheduler),
+        source={"training": str(run.session.out)},
+    )
+
+
+def validate(run: Run, step: int) -> None:
+    """Images of the validation prompts (EMA weights), split across ranks, as one grid per step."""
+    from accelerate.utils import gather_object
+
+    session = run.session
+    val = session.config.validation
+    if not val.prompts:
+        return
+    jobs = [(p, s) for p in val.prompts for s in val.seeds]
+    # prompts split across ranks; sharded weights need every rank in every forward, so all run all
+    mine = list(range(len(jobs)))[0 if session.sharded else session.rank :: 1 if session.sharded else session.world]
+    pipe = inference_pipe(run)
+    moved = [m for m in (pipe.vae, pipe.text_encoder) if next(m.parameters()).device != session.device]
+    for module in moved:
+        module.to(session.device)
+    if run.ema is not None:
+        run.ema.store(run.params)
+        run.ema.copy_to(run.params)
+    for module in run.modules:
+        module.eval()
+    size = session.config.data.resolution
+    made = []
+    try:
+        with torch.no_grad(), session.accelerator.autocast():
+            for i in mine:
+                prompt, seed = jobs[i]
+                image = pipe(prompt, seed=seed, num_inference_steps=val.steps, guidance_scale=val.guidance,
+                             scheduler=val.scheduler, height=size, width=size, output_type="np",
+                             progress=False).images[0]  # fmt: skip
+                made.append((i, (image * 255).round().astype("uint8")))
+    finally:
+        for module in run.modules:
+            module.train()
+        if run.ema is not None:
+            run.ema.restore(run.params)
+        for module in moved:
+            module.to("cpu")
+    gathered = made if session.sharded else sorted(gather_object(made), key=lambda item: item[0])
+    on_main(_write_grid, run, [image for _, image in gathered], step)
+
+
+def _write_grid(run: Run, images: list, step: int) -> None:
+    session = run.session
+    sheet = grid(images, columns=len(session.config.validation.seeds))
+    folder = session.out / "validation"
+    folder.mkdir(exist_ok=True)
+    with atomic_write(folder / f"step-{step:08d}.png") as f:
+        sheet.save(f, format="PNG")
+    if session.tensorboard:
+        import numpy as np
+
+        session.accelerator.get_tracker("tensorboard", unwrap=True).add_image(
+            "validation", np.asarray(sheet), step, dataformats="HWC"
+        )
+
+
+def save_outputs(run: Run, step: int) -> None:
+    """The final model folder (or LoRA file) with a model card; main process only writes."""
+    session, acc = run.session, run.session.accelerator
+    acc.wait_for_everyone()
+    if run.ema is not None:
+        run.ema.copy_to(run.params)  # the final weights are the averaged ones
+    full = [acc.get_state_dict(m) for m in run.modules] if session.sharded else None  # collective
+    session.result.steps = step
+    on_main(_write_final, run, step, full)
+    lora = session.config.lora.enabled  # every rank reports the same places
+    session.result.model_dir = None if lora else session.out / "model"
+    session.result.lora_file = session.out / "lora.safetensors" if lora else None
+
+
+def _write_final(run: Run, step: int, full) -> None:
+    session, acc, config = run.session, run.session.accelerator, run.session.config
+    pipe = inference_pipe(run)
+    if full is not None:  # whole weights gathered from the shards, into plain copies of the modules
+        pipe.unet, pipe.text_encoder = (_gathered(acc, m, full, run.modules) for m in (run.unet, run.text_encoder))
+    card = model_card(config, session.result, run.seconds(), len(run.data.source.records), session.world)
+    if config.lora.enabled:
+        from peft.utils import get_peft_model_state_dict
+
+        from ..models.lora import save_lora
+
+        lora = config.lora
+        path = save_lora(
+            session.out / "lora.safetensors",
+            unet_state=get_peft_model_state_dict(pipe.unet),
+            text_encoder_state=get_peft_model_state_dict(pipe.text_encoder) if run.train_text_encoder else None,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            metadata={"latentdiff_config": to_toml(config), "ss_steps": str(step)},
+        )
+        with atomic_write(session.out / "README.md", "w") as f:
+            f.write(card)
+        print(f"LoRA written to {path}")
+    else:
+        folder = pipe.save_pretrained(session.out / "model")
+        with atomic_write(folder / "README.md", "w") as f:
+            f.write(card)
+        print(f"model written to {folder}")
+
+
+def model_card(config: TrainConfig, result: TrainResult, seconds: float, images: int, processes: int) -> str:
+    """The model folder's README.md: what it was trained from, on what, how long, with what settings."""
+    from .._version import __version__
+
+    kind = "LoRA adapter" if config.lora.enabled else ("fine-tuned" if config.model.path else "trained from scratch")
+    base = config.model.path or f"random weights of preset '{config.model.preset}' (seed {config.model.init_seed})"
+    rows = [
+        ("base", base),
+        ("data", f"{config.data.path}: {images} images used, {len(result.skipped)} skipped"),
+        ("steps", f"{result.steps} optimizer steps, global batch {config.train.batch_size * processes * config.train.gradient_accumulation}"),
+        ("training time", f"{seconds / 60:.1f} min (all sessions of the run)"),
+        ("hardware", f"{hardware()}, {processes} process(es), mixed precision {config.train.mixed_precision}"),
+        ("library", f"latentdiff {__version__}, torch {torch.__version__}"),
+    ]  # fmt: skip
+    if result.losses:
+        rows.append(("last logged loss", f"{result.losses[-1]:.4f}"))
+    if result.vae_psnr is not None:
+        rows.append(("VAE held-out PSNR", f"{result.vae_psnr:.2f} dB"))
+    lines = [f"# latentdiff model ({kind})", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    licences = _data_licences(config.data.path)
+    if licences:
+        lines += ["## Data and licences", "", *licences, ""]
+    command = " ".join(["latentdiff train", *sys.argv[1:]]) if sys.argv[0].endswith("latentdiff") else " ".join(sys.argv)
+    lines += ["## How it was made", "", f"`{command}` with this resolved configuration:", "", "```toml", to_toml(config) + "```", ""]
+    return "\n".join(lines)
+
+
+def _data_licences(paths) -> list[str]:
+    """One line per data source that says where it came from and its licence (from a builder's dataset.json)."""
+    lines = []
+    for path in paths if isinstance(paths, list) else [paths]:
+        for folder in (Path(path), Path(path).parent):
+            info = folder / "dataset.json"
+            if info.is_file():
+                meta = json.loads(info.read_text())
+                lines.append(f"- `{path}`: {meta.get('source', '?')} Licence: {meta.get('licence', 'unknown')}.")
+                break
+        else:
+            lines.append(f"- `{path}`: no dataset.json; source and licence not recorded")
+    return lines
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}"
+    return f"CPU ({platform.machine()})"
+
+
+def _gathered(acc, module, states, prepared):
+    """``module`` as a plain unsharded copy holding the gathered full weights (or itself if not trained)."""
+    for candidate, state in zip(prepared, states):
+        if candidate is module:
+            inner = acc.unwrap_model(module)
+            # a fresh instance of the same architecture: copying the sharded module would copy its shards
+            plain = type(inner).from_config(inner.config) if hasattr(type(inner), "from_config") else type(inner)(inner.config)
+            plain.load_state_dict(state)
+            return plain.eval()
+    return acc.unwrap_model(module)

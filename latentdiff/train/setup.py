@@ -1,0 +1,431 @@
+"""Setting a training run up, in the order it must happen.
+
+:func:`start` makes the :class:`Session` (the accelerator, the output folder, logging), which both
+stages of a run share; :func:`load_model` and :func:`load_data` bring the model and the checked
+images; after an optional VAE stage (``vae_stage.py``), :func:`setup` turns them into a
+:class:`Run`, the state the U-Net loop reads: the trained modules (frozen parts, adapters,
+precision), the cache, the batches, the optimizer, ``accelerator.prepare``, the trainable
+parameters and EMA of the *prepared* modules, and the position of a resumed run.
+
+Every piece of work the main process does alone while the others wait goes through
+``distributed.on_main``, so a failure there ends every process instead of leaving them at a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..data.buckets import BucketBatches, assign_buckets
+from ..data.dataset import TrainDataset
+from ..data.sources import Source, scan, skipped_report
+from ..distributed import on_main
+from ..errors import InvalidInputError, MissingFileError
+from ..fileio import atomic_write
+from ..models.architectures import downscale_factor
+from ..tomlconfig import to_dict
+from . import checkpoints
+from .config import TrainConfig
+from .steps import Steps
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Optional[Path] = None  # the final diffusers folder (full fine-tune / from scratch)
+    lora_file: Optional[Path] = None  # the LoRA file (LoRA runs)
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)  # mean loss of each log interval, this session
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    cache: Any = None  # CacheStats when data.cache
+    vae_psnr: Optional[float] = None  # held-out PSNR (dB) after a VAE stage
+    main_process: bool = True  # False on the other ranks of a multi-process run
+
+
+class Session:
+    """The accelerator, the output folder and the reporting of one run (both of its stages)."""
+
+    def __init__(self, config: TrainConfig):
+        import torch.distributed as dist
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import ProjectConfiguration
+
+        if not (dist.is_available() and dist.is_initialized()):
+            # A single process may train several times (notebooks, tests) with other precision settings;
+            # accelerate keeps its state process-wide and refuses a change, so start it afresh.
+            AcceleratorState._reset_state(reset_partial_state=True)
+        self.config = config
+        self.out = Path(config.train.output_dir).expanduser().resolve()
+        run = config.train
+        self.tensorboard = run.tensorboard and _have_tensorboard()
+        self.accelerator = Accelerator(
+            mixed_precision=run.mixed_precision,
+            gradient_accumulation_steps=run.gradient_accumulation,
+            log_with="tensorboard" if self.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            cpu=not torch.cuda.is_available(),
+        )
+        self.main = self.accelerator.is_main_process
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        # FSDP shards the weights: a forward needs every rank at once, and full weights must be gathered
+        self.sharded = self.accelerator.distributed_type == "FSDP"
+        self.device = self.accelerator.device
+        self.result = TrainResult(self.out, main_process=self.main)
+        self.resume_from: Optional[Path] = None  # the checkpoint the U-Net stage continues from (start())
+        if run.tensorboard and not self.tensorboard:
+            self.say("warning: TensorBoard is not installed (pip install tensorboard); logging to log.jsonl only")
+
+    def say(self, text: str) -> None:
+        if self.main:
+            print(text, flush=True)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """One line of log.jsonl (and TensorBoard), written by the main process."""
+        on_main(self._write_log, values, step)
+
+    def _write_log(self, values: dict[str, float], step: int) -> None:
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tensorboard:
+            self.accelerator.log(values, step=step)
+
+    def steps(self, total: int, what: str, state: Optional[dict[str, Any]] = None) -> Steps:
+        """A stage's bookkeeping (see ``steps.py``), at ``state`` (a checkpoint's) or at the start, with a
+        progress bar on the main process."""
+        from tqdm.auto import tqdm
+
+        start = (state or {}).get("step", 0)
+        bar = tqdm(total=total, initial=start, desc=what, unit="step",
+                   disable=not (self.main and self.config.train.progress), dynamic_ncols=True)  # fmt: skip
+        return Steps(total, state, bar)
+
+    def end(self) -> TrainResult:
+        self.accelerator.end_training()
+        return self.result
+
+
+def start(config: TrainConfig) -> Session:
+    """The session of a run: the output folder, cleared of what a crash mid-save left, the
+    checkpoint to resume from, and the trackers."""
+    session = Session(config)
+    session.out.mkdir(parents=True, exist_ok=True)
+    on_main(_remove_stale_checkpoints, session.out)
+    session.resume_from = checkpoints.resolve(config.checkpoint.resume, session.out)
+    if session.tensorboard:
+        session.accelerator.init_trackers("latentdiff", config=_flat_scalars(to_dict(config)))
+    return session
+
+
+def load_model(config: TrainConfig):
+    """The pipeline to train: a pretrained folder, or random weights of a preset (with the config's
+    architecture overrides); with ``model.vae_path``, its VAE replaced."""
+    from ..generation.pipeline import LatentDiffusion
+
+    model = config.model
+    if model.path:
+        pipe = LatentDiffusion.from_pretrained(model.path)
+    else:
+        from ..models.architectures import build_components
+
+        overrides = {"unet": model.unet_config, "vae": model.vae_config, "text_encoder": model.text_encoder_config}
+        pipe = LatentDiffusion(**build_components(model.preset, model.init_seed, overrides),
+                               source={"preset": model.preset, "seed": model.init_seed})  # fmt: skip
+    if model.vae_path:
+        pipe.vae = load_vae(model.vae_path)
+    return pipe
+
+
+def load_vae(path: str):
+    """An AutoencoderKL from a model folder (its ``vae/``) or a bare VAE folder."""
+    from diffusers import AutoencoderKL
+
+    root = Path(path).expanduser()
+    folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
+    if not (folder / "config.json").is_file():
+        raise MissingFileError(f"model.vae_path: {root} holds no VAE (no config.json there or in vae/)")
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+
+
+@dataclass
+class TrainingData:
+    """The checked images and the bucket (training size) of each."""
+
+    source: Source
+    buckets: list[tuple[int, int]]
+    bucket_of: list[int]
+
+
+def load_data(session: Session, pipe) -> TrainingData:
+    """Scan the data once, on the main process (every rank gets the same list), and bucket it."""
+    config = session.config
+    source = on_main(_scan, session, share=True)
+    session.result.skipped = source.skipped
+    if not source.records:
+        raise InvalidInputError(f"no usable training images in {config.data.path}")
+    buckets, bucket_of = assign_buckets(source.records, config.data)
+    factor = downscale_factor(pipe.vae) * downscale_factor(pipe.unet)
+    for w, h in buckets:
+        if w % factor or h % factor:
+            raise InvalidInputError(
+                f"training size {w}x{h} is not a multiple of {factor} (VAE x U-Net downsampling); "
+                f"use a data.resolution / data.bucket_step that is"
+            )
+    return TrainingData(source, buckets, bucket_of)
+
+
+@dataclass
+class Run:
+    """The U-Net stage, set up: what the loop, validation, checkpoints and the outputs read."""
+
+    session: Session
+    pipe: Any  # the LatentDiffusion being trained (its modules unwrapped)
+    noise_scheduler: Any  # the forward process q(z_t | z_0) (objective.noise_scheduler_for)
+    data: TrainingData
+    dataset: TrainDataset
+    batches: BucketBatches
+    loader_kwargs: dict[str, Any]
+    global_batch: int  # samples per optimizer step, all processes
+    modules: list  # the trained modules, as accelerate prepared them
+    unet: Any  # the U-Net the loss calls: the prepared one if trained, else the frozen one
+    text_encoder: Any  # the same for the text encoder
+    train_text_encoder: bool
+    params: list  # trainable parameters of the prepared modules (clipping, EMA)
+    optimizer: Any  # accelerate's wrapper: it skips the step while gradients accumulate, and scales fp16
+    lr_scheduler: Any  # stepped once per optimizer step (by the loop)
+    ema: Any  # diffusers' EMAModel over `params`, or None
+    steps: Steps  # where the stage stands (from the checkpoint on a resume)
+    seconds_before: float = 0.0  # training time of the run's earlier sessions
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        """Training time of the whole run, all sessions."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+
+def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
+    """Everything the U-Net loop needs, in the order it must be made (see the module docstring)."""
+    config, acc = session.config, session.accelerator
+    modules, train_te = choose_trained(session, pipe)
+    cache = fill_cache(session, pipe, data, train_te)
+    global_batch = config.train.batch_size * session.world * config.train.gradient_accumulation
+    batches = BucketBatches(data.bucket_of, config.train.batch_size, config.train.seed, session.world, session.rank)
+    dataset = TrainDataset(data.source, data.buckets, data.bucket_of, config.data, config.train.seed,
+                           tokenizer=pipe.tokenizer, cache=cache)  # fmt: skip
+    workers = config.data.num_workers
+    loader_kwargs = {"num_workers": workers, "pin_memory": session.device.type == "cuda"}
+    if workers:
+        loader_kwargs.update(persistent_workers=False, prefetch_factor=4)
+    # The optimizer is made from the modules as they are (accelerate's prepare maps it onto what it
+    # makes of them); everything else that holds parameters is made from the prepared modules.
+    optimizer, lr_scheduler = make_optimizer(config, modules, pipe.text_encoder, session.device)
+    prepared = acc.prepare(*modules, optimizer)
+    modules, optimizer = list(prepared[:-1]), prepared[-1]
+    # Under FSDP2 prepare replaces the parameters with sharded ones: clipping and the EMA must
+    # act on those, not on the tensors the modules held before.
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    ema = None
+    if config.train.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=config.train.ema_decay)
+    # The LR schedule is stepped by us once per optimizer step (accelerate's wrapper would step it once
+    # per process), and saved with the checkpoint like the EMA (registered in this order: a checkpoint's
+    # custom_checkpoint_0 is the schedule, _1 the EMA).
+    acc.register_for_checkpointing(lr_scheduler)
+    if ema is not None:
+        acc.register_for_checkpointing(ema)
+    if config.lora.enabled:
+        acc.register_save_state_pre_hook(_keep_trainable_weights)
+    state = _resume(session, global_batch)
+    return Run(
+        session=session, pipe=pipe, noise_scheduler=noise_scheduler, data=data, dataset=dataset, batches=batches,
+        loader_kwargs=loader_kwargs, global_batch=global_batch, modules=modules,
+        unet=_prepared_or_frozen(acc, modules, pipe.unet), text_encoder=_prepared_or_frozen(acc, modules, pipe.text_encoder),
+        train_text_encoder=train_te, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+        steps=session.steps(config.train.max_steps, "training", state), seconds_before=(state or {}).get("seconds", 0.0),
+    )  # fmt: skip
+
+
+def choose_trained(session: Session, pipe) -> tuple[list[torch.nn.Module], bool]:
+    """Freeze what stays fixed, add LoRA adapters, set precision and memory options; returns the
+    modules to train and whether the text encoder is one of them."""
+    config, device = session.config, session.device
+    unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    for module in (unet, te, vae):
+        module.requires_grad_(False).eval()
+    lora = config.lora
+    train_unet = config.model.train_unet or lora.enabled
+    train_te = config.model.train_text_encoder
+    if lora.enabled:
+        from ..models.lora import add_lora_adapter
+
+        add_lora_adapter(unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.unet_targets)
+        if train_te:
+            add_lora_adapter(te, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                             targets=lora.text_encoder_targets)  # fmt: skip
+    elif train_unet:
+        unet.requires_grad_(True)
+    if train_te and not lora.enabled:
+        te.requires_grad_(True)
+    modules = ([unet] if train_unet else []) + ([te] if train_te else [])
+    if config.train.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    for module in modules:
+        module.train()
+        if config.train.compile:
+            module.compile()  # in place: names, state dicts and checkpoints stay those of the module
+        if config.train.gradient_checkpointing:
+            if module is unet:
+                unet.enable_gradient_checkpointing()
+            else:
+                te.gradient_checkpointing_enable()
+    # Frozen parts run in the mixed-precision dtype to save memory; the SD VAE overflows in fp16, so it
+    # stays in fp32 unless the run is bf16.
+    weight_dtype = WEIGHT_DTYPES[config.train.mixed_precision]
+    if not train_te:
+        te.to(device, dtype=weight_dtype)
+    if unet not in modules:  # a text-encoder-only run still runs the frozen U-Net
+        unet.to(device, dtype=weight_dtype)
+    # (torch's .to: diffusers' own warns about fp32-only modules even when the VAE lists none)
+    torch.nn.Module.to(vae, device, dtype=torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
+    if session.main:
+        count = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+        what = "LoRA adapters" if lora.enabled else " + ".join(
+            n for n, m in (("U-Net", unet), ("text encoder", te)) if m in modules
+        )
+        print(f"training {what}: {count:,} parameters")
+    return modules, train_te
+
+
+def fill_cache(session: Session, pipe, data: TrainingData, train_te: bool):
+    """With ``data.cache``: encode what the cache lacks (every rank a share) and return the cache
+    (None without); the encoders then leave the accelerator until validation needs them."""
+    from ..data.cache import LatentCache
+    from ..models.hashing import weight_hash
+
+    config = session.config
+    if not config.data.cache:
+        return None
+    root = Path(config.data.cache_dir).expanduser() if config.data.cache_dir else session.out / "cache"
+    text_frozen = not train_te
+    cache = LatentCache(
+        root,
+        vae_hash=weight_hash([("vae", pipe.vae)]),
+        text_hash=weight_hash([("text_encoder", pipe.text_encoder)]) if text_frozen else None,
+    )
+    stats = cache.fill(data.source, data.buckets, data.bucket_of, config.data, vae=pipe.vae,
+                       text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, rank=session.rank,
+                       world=session.world, progress=session.main and config.train.progress)  # fmt: skip
+    session.accelerator.wait_for_everyone()
+    session.result.cache = stats
+    session.say(stats.line())
+    pipe.vae.to("cpu")
+    if text_frozen:
+        pipe.text_encoder.to("cpu")
+    return cache
+
+
+def make_optimizer(config: TrainConfig, modules, text_encoder, device):
+    """AdamW (or 8-bit AdamW) over the trainable parameters, the text encoder's at its own rate, and
+    the LR schedule."""
+    from diffusers.optimization import get_scheduler
+
+    opt = config.optim
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    te_params = {id(p) for p in text_encoder.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in te_params], "lr": opt.lr},
+              {"params": [p for p in params if id(p) in te_params], "lr": opt.text_encoder_lr or opt.lr}]  # fmt: skip
+    groups = [g for g in groups if g["params"]]
+    kwargs = {"betas": (opt.beta1, opt.beta2), "eps": opt.eps, "weight_decay": opt.weight_decay}
+    if opt.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise InvalidInputError("optim.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
+    else:
+        fused = device.type == "cuda"  # one kernel for all parameters on the GPU
+        optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[opt.lr_schedule]
+    lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=opt.warmup_steps,
+                                 num_training_steps=config.train.max_steps)  # fmt: skip
+    return optimizer, lr_scheduler
+
+
+def _resume(session: Session, global_batch: int) -> Optional[dict[str, Any]]:
+    """Restore the prepared state from ``session.resume_from`` (collective); returns its trainer state."""
+    config, path = session.config, session.resume_from
+    if path is None:
+        return None
+    state = checkpoints.load(session.accelerator, path, strict=not config.lora.enabled)
+    if state.get("seed") != config.train.seed or state.get("world_batch") != global_batch:
+        raise InvalidInputError(
+            f"{path} was made with train.seed={state.get('seed')} and a global batch of "
+            f"{state.get('world_batch')}; this run has {config.train.seed} and {global_batch}. "
+            "Resume with the same settings (or start a new output_dir)"
+        )
+    session.say(f"resumed from {path.name}: step {state['step']}, epoch {state['epoch']}, "
+                f"batch {state['position']} of the epoch")  # fmt: skip
+    return state
+
+
+def _scan(session: Session) -> Source:
+    """Main process: find and check the images; report and list the skipped ones."""
+    config = session.config
+    source = scan(config.data, progress=config.train.progress)
+    print(f"training data: {len(source.records)} images from {config.data.path}")
+    if source.skipped:
+        print(skipped_report(source.skipped))
+        with atomic_write(session.out / "skipped.jsonl", "w") as f:
+            for key, reason in source.skipped:
+                f.write(json.dumps({"image": key, "reason": reason}) + "\n")
+    return source
+
+
+def _remove_stale_checkpoints(out: Path) -> None:
+    for stale in checkpoints.remove_stale(out):
+        print(f"removed an incomplete checkpoint left by a crash: {stale.name}")
+
+
+def _prepared_or_frozen(acc, prepared: list, module):
+    """``module`` as accelerate prepared it, if it is trained; else itself."""
+    for candidate in prepared:
+        if acc.unwrap_model(candidate) is module:
+            return candidate
+    return module
+
+
+def _keep_trainable_weights(models, weights, output_dir) -> None:
+    """accelerate save hook for LoRA runs: checkpoint only the adapter weights, not the frozen base."""
+    for model, state in zip(models, weights):
+        keep = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k not in keep]:
+            del state[key]
+
+
+def _flat_scalars(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """TensorBoard's hparams take scalars only: nested keys joined with '.', lists as text."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _have_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
