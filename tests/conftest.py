@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 
 import pytest
+
+from helpers import NetworkUsed
 from latentdiff import LatentDiffusion
 
 
@@ -39,17 +41,6 @@ def reference(_reference_pipe, tiny_dir):
 
     _reference_pipe.scheduler = PNDMScheduler.from_pretrained(tiny_dir, subfolder="scheduler")
     return _reference_pipe
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for torch.distributed rendezvous in multi-process tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class NetworkUsed(RuntimeError):
-    pass
 
 
 @pytest.fixture

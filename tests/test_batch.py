@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port
-
+from helpers import free_port
 from latentdiff.batch.rows import Defaults, Row, expand, image_seed, read_rows
 from latentdiff.cli import main
 from latentdiff.generation.recipe import read_recipe

@@ -9,10 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from latentdiff.cli import main
 from latentdiff.data.builders import build, read_dataset_info, read_split
 from latentdiff.data.builders.shapes import COLOURS, POSITIONS, SHAPES, split_combos
-from latentdiff.cli import main
-from PIL import Image
 
 CAPTION = re.compile(r"^an? (\w+) (\w+) (in the top left|at the top|in the top right|on the left|in the center|"
                      r"on the right|in the bottom left|at the bottom|in the bottom right) on an? (\w+) background$")  # fmt: skip
@@ -166,8 +167,9 @@ def test_missing_package_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_noto_renders_single_glyphs_only():
-    from latentdiff.data.builders.emojis import NOTO_FONT, NOTO_STRIKE, noto_glyph
     from PIL import ImageFont
+
+    from latentdiff.data.builders.emojis import NOTO_FONT, NOTO_STRIKE, noto_glyph
 
     if not NOTO_FONT.is_file():
         pytest.skip(f"{NOTO_FONT} is not installed (apt-get install fonts-noto-color-emoji)")

@@ -10,8 +10,8 @@ import torch
 
 from latentdiff import LatentDiffusion
 from latentdiff.cli import main as cli
-from latentdiff.generation.recipe import read_recipe
 from latentdiff.generation.pipeline import DEFAULT_MODEL_DIR
+from latentdiff.generation.recipe import read_recipe
 
 
 def test_the_folder_is_complete_small_and_documented():

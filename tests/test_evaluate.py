@@ -9,9 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from latentdiff.cli import main
 from latentdiff.data.builders import build, read_split
 from latentdiff.data.builders.shapes import COLOURS
-from latentdiff.cli import main
 from latentdiff.evaluate import (
     ATTRIBUTES,
     EvalConfig,
@@ -24,7 +26,6 @@ from latentdiff.evaluate import (
     retrieval_hits,
     thumbnails,
 )
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import torch
 
 from latentdiff import InvalidInputError, LatentDiffusion
 from latentdiff.cli import main
-from latentdiff.models.architectures import PRESETS
-from latentdiff.generation.sampling import denoise, make_generators
 from latentdiff.generation.samplers import SAMPLERS, make_scheduler
+from latentdiff.generation.sampling import denoise, make_generators
+from latentdiff.models.architectures import PRESETS
 
 TOLERANCE = 1e-4
 RUN = {"num_inference_steps": 3, "seed": [11, 12], "output_type": "np", "progress": False}

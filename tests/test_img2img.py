@@ -7,18 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import REFERENCE_SCHEDULERS, picture
 from latentdiff import InvalidInputError, MissingFileError
 
 PROMPT, NEGATIVE = "a watercolour of a harbour", "blurry"
-
-
-def picture(width=64, height=48, seed=0) -> Image.Image:
-    """A smooth test picture (gradients plus a square), different per seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin(x / 5.0)], -1) * 255
-    rgb[height // 4 : height // 2, width // 4 : width // 2] = rng.integers(0, 255, 3)
-    return Image.fromarray(rgb.astype(np.uint8))
 
 
 @pytest.fixture
@@ -32,8 +24,6 @@ def img2img_reference(reference):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m_karras"])
 def test_same_images_as_diffusers_img2img(tiny, tiny_dir, img2img_reference, scheduler):
-    from test_generation import REFERENCE_SCHEDULERS
-
     cls, options = REFERENCE_SCHEDULERS[scheduler]
     img2img_reference.scheduler = cls.from_pretrained(tiny_dir, subfolder="scheduler", **options)
     image, seeds = picture(), [5, 9]

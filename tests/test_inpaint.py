@@ -8,10 +8,9 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 from PIL import Image
 
+from helpers import REFERENCE_SCHEDULERS, picture
 from latentdiff import InvalidInputError, LatentDiffusion
 from latentdiff.models.architectures import PRESETS, build_components
-from test_generation import REFERENCE_SCHEDULERS
-from test_img2img import picture
 
 PROMPT, NEGATIVE = "a red door", "blurry"
 

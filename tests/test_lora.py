@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from latentdiff import InvalidInputError, LatentDiffusion
 from latentdiff.cli import main
-from latentdiff.models.lora import add_lora_adapter, parse_lora_spec, save_lora
 from latentdiff.generation.recipe import read_recipe
+from latentdiff.models.lora import add_lora_adapter, parse_lora_spec, save_lora
 
 _BASE: list = []
 

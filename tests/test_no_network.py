@@ -11,7 +11,7 @@ from latentdiff.cli import main
 
 
 def test_the_blocker_blocks(no_network):
-    from conftest import NetworkUsed
+    from helpers import NetworkUsed
 
     with pytest.raises(NetworkUsed):
         socket.create_connection(("127.0.0.1", 9))

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from latentdiff import InvalidInputError
-from latentdiff.generation.recipe import read_recipe
 from latentdiff.generation.prompts import count_chunks
+from latentdiff.generation.recipe import read_recipe
 
 D = 32  # the tiny text encoder's width
 

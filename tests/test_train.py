@@ -17,11 +17,11 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from conftest import free_port
+from helpers import free_port
 from latentdiff import LatentDiffusion
-from latentdiff.train.objective import diffusion_loss, draw_global, noise_scheduler_for
 from latentdiff.train.config import ObjectiveConfig, TrainConfig
 from latentdiff.train.loop import train
+from latentdiff.train.objective import diffusion_loss, draw_global, noise_scheduler_for
 from latentdiff.train.vae_stage import psnr
 
 ROOT = Path(__file__).resolve().parents[1]

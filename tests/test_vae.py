@@ -11,8 +11,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from latentdiff import InvalidInputError, LatentDiffusion
-from latentdiff.models.architectures import PRESETS
 from latentdiff.generation.vae import VaeOptions, decode, encode, wants_tiling
+from latentdiff.models.architectures import PRESETS
 
 
 def fresh_vae() -> AutoencoderKL:
