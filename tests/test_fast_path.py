@@ -50,7 +50,7 @@ def test_compiled_fast_path_matches_default_and_compiles_once_per_shape(tiny):
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
     modules = sorted(r.module for r in fast.compile_report)
     assert modules == ["unet", "vae.decoder"], fast.compile_report
-    assert all(r.seconds > 0 for r in fast.compile_report)
+    assert all(r.seconds > 0 and r.compiled for r in fast.compile_report)
 
     fast(PROMPTS, **RUN)  # same shapes: nothing new to compile
     assert len(fast.compile_report) == 2
@@ -145,13 +145,14 @@ def test_cli_fast_flag(tmp_path, monkeypatch, capsys, tiny):
     import torch._dynamo
     from PIL import Image
 
-    # Dynamo's official off switch (TORCH_COMPILE_DISABLE): the CLI path runs, without 40 s of codegen.
+    # Dynamo's official off switch (TORCH_COMPILE_DISABLE): the CLI path runs, without 40 s of codegen,
+    # and the report says that nothing was compiled.
     monkeypatch.setattr(torch._dynamo.config, "disable", True)
     out = tmp_path / "fast.png"
     assert main(["generate", "a red apple", "--preset", "tiny", "--steps", "2", "--seed", "5", "--fast",
                  "--no-progress", "-o", str(out)]) == 0  # fmt: skip
     err = capsys.readouterr().err
-    assert "compiled unet" in err and "compiled vae.decoder" in err
+    assert "unet not compiled" in err and "vae.decoder not compiled" in err and "compiled unet" not in err
     expected = tiny("a red apple", num_inference_steps=2, seed=5, progress=False).images[0]
     diff = np.abs(np.asarray(Image.open(out), dtype=int) - np.asarray(expected, dtype=int))
     assert diff.max() <= 1
@@ -172,6 +173,8 @@ def test_benchmark_script_runs_on_tiny(tmp_path, capsys):
                 "--unet-runs", "1", "--no-compile", "--json", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"diffusers eager", "latentdiff default", "latentdiff fast"}
-    assert result["psnr_fast_vs_diffusers_eager_db"] >= 35  # fp32 on CPU: the same image to ~1e-6
+    # fp32 on CPU: the same image to ~1e-6 (129 dB measured); 100 dB is an rms error of 1e-5, the
+    # fast path's own tolerance above, while a wrong fusion or layout gives errors of order 0.1 (20 dB)
+    assert result["psnr_fast_vs_diffusers_eager_db"] >= 100
     assert result["unet_tflop_per_cfg_step"] > 0
     assert "PSNR of latentdiff fast vs diffusers eager" in capsys.readouterr().out

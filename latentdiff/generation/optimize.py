@@ -65,16 +65,22 @@ class FastOptions:
 
 @dataclass(frozen=True)
 class CompileRecord:
-    """One compilation: which module, for which input shapes, and how long its first call took
-    (tracing + code generation + one run)."""
+    """The first call of a compiled module with new input shapes: which module, for which shapes,
+    how long it took (tracing + code generation + one run), and whether torch.compile made a graph
+    at all (it makes none when dynamo is disabled, e.g. TORCH_COMPILE_DISABLE=1, or has reached its
+    recompile limit: the module then runs eagerly)."""
 
     module: str
     shapes: tuple  # ((shape, dtype name), ...) of the tensor inputs
     dtype: str  # of the module's weights
     seconds: float
+    compiled: bool = True
 
     def __str__(self) -> str:
         shapes = ", ".join(("x".join(map(str, s)) or "scalar") + f" {d}" for s, d in self.shapes)
+        if not self.compiled:
+            return (f"{self.module} not compiled for inputs ({shapes}) {self.dtype}: torch.compile made no graph "
+                    "(dynamo is disabled or at its recompile limit), so it runs eagerly")  # fmt: skip
         return f"compiled {self.module} for inputs ({shapes}) {self.dtype} in {self.seconds:.1f} s"
 
 
@@ -172,18 +178,27 @@ class CompiledForward:
             out = self.compiled(*args, **kwargs)
         else:
             device = tensors[0].device if tensors else torch.device("cpu")
+            graphs = _graphs_made()
             _sync(device)
             start = time.perf_counter()
             out = self.compiled(*args, **kwargs)
             _sync(device)
             self.seen.add(key)
             shapes = tuple((k[0], _name(k[1])) for k in key)
-            record = CompileRecord(self.name, shapes, _name(self.dtype), time.perf_counter() - start)
+            record = CompileRecord(self.name, shapes, _name(self.dtype), time.perf_counter() - start,
+                                   compiled=_graphs_made() > graphs)  # fmt: skip
             self.report.append(record)
             log.info("latentdiff: %s", record)
         if self.cudagraphs:
             out = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)
         return out
+
+
+def _graphs_made() -> int:
+    """Graphs dynamo has captured in this process so far (its own statistics counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _name(dtype: torch.dtype) -> str:

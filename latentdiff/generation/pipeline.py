@@ -41,14 +41,14 @@ class LatentDiffusion:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         # The raw scheduler config of the model (as in scheduler/scheduler_config.json); named
-        # samplers are built from it, see schedulers.py for why not from self.scheduler.config.
+        # samplers are built from it, see samplers.py for why not from self.scheduler.config.
         self.scheduler_config = dict(scheduler_config)
         self.scheduler = scheduler_from_config(self.scheduler_config)
         self.source = source  # where the weights came from: {"path": ...} or {"preset": ..., "seed": ...}
         self._hash: Optional[tuple[tuple, str]] = None  # (weights fingerprint, hash)
         self.vae_options = VaeOptions()  # tiling above a size, fp32 retry of a non-finite half decode (vae.py)
         self.fast_options = None  # set by optimize()
-        self.compile_report: list = []  # one record per compiled shape (fast.py)
+        self.compile_report: list = []  # one record per compiled shape (optimize.py)
         self.loras = LoraSet()  # LoRA adapters: load_lora / fuse_lora / unload_lora
         self.embeddings: list[Embedding] = []  # textual inversions: load_textual_inversion
 
@@ -92,7 +92,7 @@ class LatentDiffusion:
 
         ``variant`` (``sd1``, ``sd2``, ``sd2-v``) overrides detection from keys and shapes. Every key
         is accounted for: with ``strict`` a missing, unexpected or misshapen key is an error naming
-        it; ``strict=False`` prints the report and loads what fits. See ``single_file.py``.
+        it; ``strict=False`` prints the report and loads what fits. See ``models/single_file.py``.
         """
         from ..models.single_file import load_single_file
 
@@ -168,7 +168,7 @@ class LatentDiffusion:
 
     def optimize(self, compile: bool = True, **options) -> "LatentDiffusion":
         """The fast path, in place: half precision on CUDA, channels_last, fused QKV projections and
-        ``torch.compile`` of the U-Net and the VAE decoder (see ``latentdiff.fast.FastOptions`` for
+        ``torch.compile`` of the U-Net and the VAE decoder (see ``latentdiff.generation.optimize.FastOptions`` for
         ``options``). Call it after ``to(device)``; returns the pipeline. Compilation happens at the
         first call of each shape; ``compile_report`` lists what it cost."""
         from .optimize import FastOptions, optimize

@@ -346,7 +346,7 @@ def save_lora(path, *, unet_state=None, text_encoder_state=None, rank: int, alph
 
     ``unet_state`` / ``text_encoder_state``: what ``peft.get_peft_model_state_dict(model)`` returns
     for a diffusers ``UNet2DConditionModel`` / transformers ``CLIPTextModel`` with an adapter added by
-    ``model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, ...))``: keys such as
+    :func:`add_lora_adapter` (``rank``, ``alpha``): keys such as
     ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`` and
     ``text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`` (``text_model.`` may be absent).
     Writes ``lora_unet_*`` / ``lora_te_*`` ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``

@@ -4,7 +4,7 @@ An embedding is one or more learned vectors for the text encoder's token-embeddi
 one adds a token to the tokenizer and a row to the table per vector; an embedding of n > 1
 vectors gets tokens ``T``, ``T_1``, ..., ``T_{n-1}`` and a prompt's ``T`` is expanded to all of
 them before tokenization (diffusers names them the same way), so weighting such as ``(T:1.2)`` and
-the 75-token chunking of ``prompts.py`` see ordinary tokens. Layouts read:
+the 75-token chunking of ``generation/prompts.py`` see ordinary tokens. Layouts read:
 
 - A1111 ``.pt``: ``{"string_to_param": {"*": (n, D)}, "name": ...}``; A1111 ``.safetensors``:
   ``{"emb_params": (n, D)}`` (the token defaults to the file name, as in the web UI);

@@ -1,4 +1,4 @@
-"""The training configuration: a tree of typed dataclasses filled from TOML (see ``config.py``).
+"""The training configuration: a tree of typed dataclasses filled from TOML (see ``tomlconfig.py``).
 
 Section by section it mirrors ``training/configs/*.toml``; :func:`check_config` rejects settings
 that cannot work before any model is loaded.
@@ -21,7 +21,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 @dataclass
 class ModelConfig:
     path: str = ""  # diffusers-format folder to start from; "" = random weights of `preset` (from scratch)
-    preset: str = "tiny"  # architecture of a from-scratch run (see latentdiff.presets)
+    preset: str = "tiny"  # architecture of a from-scratch run (see latentdiff.models.architectures.PRESETS)
     init_seed: int = 0  # seed of the random initial weights
     vae_path: str = ""  # take the VAE from this folder (a diffusers model folder or a bare AutoencoderKL folder)
     train_unet: bool = True
