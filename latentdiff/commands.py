@@ -220,7 +220,7 @@ def evaluate(args) -> int:
         data=[Path(d) for d in args.data], model=args.model, guidance=tuple(args.guidance), steps=args.steps,
         scheduler=args.scheduler, prompts=args.prompts, captions=args.captions, top=args.top, space=args.space,
         psnr_images=args.psnr_images, seed=args.seed, batch_size=args.batch_size,
-        device=_device(args.device), progress=args.progress, json_path=args.json,
+        device=_device(args.device), progress=args.progress,
     )  # fmt: skip
     if args.json and not Path(args.json).parent.is_dir():  # before minutes of work, not after
         raise InvalidInputError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")

@@ -19,7 +19,7 @@ by fixed strides, not at random.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -56,7 +56,6 @@ class EvalConfig:
     batch_size: int = 16
     device: Optional[str] = None
     progress: bool = False
-    json_path: Optional[Path] = field(default=None)
 
     def check(self) -> None:
         if not self.data:
@@ -296,7 +295,7 @@ def evaluate(config: EvalConfig, pipe=None) -> dict[str, Any]:
         "settings": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in asdict(config).items()
-            if k not in ("progress", "json_path", "data", "model", "device")
+            if k not in ("progress", "data", "model", "device")
         },
         "guidance": _guidances(config),
     }

@@ -48,7 +48,6 @@ class _Pair:
 
     part: str  # "unet" | "text_encoder" | "" (unknown)
     name: str  # kohya name or module path, as written in the file
-    kohya: bool
     down: Optional[torch.Tensor] = None
     up: Optional[torch.Tensor] = None
     alpha: Optional[float] = None
@@ -234,7 +233,7 @@ def _read_pairs(tensors: dict[str, Any], metadata: dict[str, str]) -> tuple[list
         if m := _KOHYA.match(key):
             prefix, stem, what = m.groups()
             part = {"lora_unet_": "unet", "lora_te_": "text_encoder"}.get(prefix, "")  # lora_te1_/te2_: SDXL
-            pair = pairs.setdefault(prefix + stem, _Pair(part, prefix + stem, kohya=True))
+            pair = pairs.setdefault(prefix + stem, _Pair(part, prefix + stem))
             if what == "alpha":
                 pair.alpha = float(value.float().reshape(-1)[0])
             else:
@@ -248,7 +247,7 @@ def _read_pairs(tensors: dict[str, Any], metadata: dict[str, str]) -> tuple[list
                     path, part = path[len(prefix) :], p
             if not part:
                 part = "unet" if path.startswith(_UNET_ROOTS) else "text_encoder" if path.startswith(_TE_ROOTS) else ""
-            pair = pairs.setdefault(f"{part}:{path}", _Pair(part, path, kohya=False, alpha=alphas.get(part)))
+            pair = pairs.setdefault(f"{part}:{path}", _Pair(part, path, alpha=alphas.get(part)))
             setattr(pair, "down" if what == "lora_A" else "up", value)
         else:
             unreadable.append(key)

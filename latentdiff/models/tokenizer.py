@@ -73,7 +73,7 @@ def load_clip_tokenizer(pad_token: str = EOS, model_max_length: int = 77):
     )
 
 
-if __name__ == "__main__":  # python -m latentdiff.tokenizer BPE_GZ OUT_DIR
+if __name__ == "__main__":  # python -m latentdiff.models.tokenizer BPE_GZ OUT_DIR
     import sys
 
     write_vocab_files(sys.argv[1], sys.argv[2])
