@@ -21,8 +21,11 @@ def imported_by(*args: str) -> set[str]:
 
 
 def test_import_latentdiff_loads_no_heavy_library():
-    loaded = imported_by("-c", "import latentdiff")
+    code = "import json, sys, latentdiff; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded = set(json.loads(done.stdout))
     assert "latentdiff" in loaded and not loaded & HEAVY, sorted(loaded & HEAVY)
+    assert not imported_by("-c", "import latentdiff") & HEAVY  # the import log agrees
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["batch"], ["train"], ["info"], ["convert"], ["data"],
