@@ -276,6 +276,8 @@ def test_max_steps_zero_runs_the_vae_stage_alone(shapes, tmp_path):
                           "train.max_steps=0", "checkpoint.every=0"))  # fmt: skip
     out = tmp_path / "vae-only"
     assert (out / "vae" / "config.json").is_file() and np.isfinite(result.vae_psnr)
+    report = json.loads((out / "vae" / "psnr.json").read_text())
+    assert report["steps"] == 2 and 0 < report["seconds"] < 600  # the stage's wall time, for the model card
     assert result.steps == 0 and result.model_dir is None and result.lora_file is None
     assert not (out / "model").exists() and not list(out.glob("checkpoint-*"))  # no U-Net stage at all
 

@@ -127,6 +127,27 @@ def test_several_sources_train_together(tmp_path):
     assert [source.image(r).size for r in source.records] == [r.size for r in source.records]
 
 
+def test_repeats_oversample_a_source_and_hold_out_every_copy(tmp_path):
+    from latentdiff.train.vae_stage import split_holdout
+
+    write_jsonl(tmp_path / "a" / "metadata.jsonl", make_images(tmp_path / "a", 3))
+    write_jsonl(tmp_path / "b" / "metadata.jsonl", make_images(tmp_path / "b", 2))
+    paths = [str(tmp_path / "a"), str(tmp_path / "b")]
+    once = scan(DataConfig(path=paths), progress=False).records
+    source = scan(DataConfig(path=paths, repeats=[1, 3]), progress=False)
+    assert len(source.records) == 3 + 2 * 3
+    assert [r.key for r in source.records] == [r.key for r in once[:3]] + [r.key for r in once[3:]] * 3
+    digests = [r.digest for r in source.records]
+    kept, held = split_holdout(digests, 2, seed=0)
+    held_digests = {digests[i] for i in held}
+    assert len(held) == 2 == len(held_digests)  # two distinct images, one copy of each scored
+    assert not held_digests & {digests[i] for i in kept}  # no copy of a held-out image is trained on
+    assert sorted(kept + [i for i, d in enumerate(digests) if d in held_digests]) == list(range(len(digests)))
+    for bad in ([1], [1, 0]):
+        with pytest.raises(InvalidInputError, match="data.repeats needs one whole number >= 1 per data.path entry"):
+            scan(DataConfig(path=paths, repeats=bad), progress=False)
+
+
 def test_missing_column_is_a_clear_error(tmp_path):
     write_jsonl(tmp_path / "metadata.jsonl", make_images(tmp_path, 2))
     with pytest.raises(InvalidInputError, match="no column 'caption'.*data.caption_column"):

@@ -37,6 +37,9 @@ class DataConfig:
     caption_dropout: float = 0.1  # probability a caption becomes "" (teaches the unconditional prediction CFG needs)
     num_workers: int = 2
     max_samples: int = 0  # 0 = all
+    # per data.path entry: how many times each of its images appears per epoch, e.g. [1, 4] to oversample
+    # a small second set (kohya's folder repeats); [] = once each
+    repeats: list[int] = field(default_factory=list)
     cache: bool = False  # pre-compute VAE latents (and text embeddings when the text encoder is frozen)
     cache_dir: str = ""  # "" = <output_dir>/cache
 
@@ -93,12 +96,15 @@ def scan(config: DataConfig, progress: bool = True) -> Source:
     paths = config.path if isinstance(config.path, list) else [config.path]
     if not paths or not all(paths):
         raise InvalidInputError("data.path is empty: point it at a folder of captioned images or a dataset on disk")
+    repeats = config.repeats or [1] * len(paths)
+    if len(repeats) != len(paths) or any(r < 1 for r in repeats):
+        raise InvalidInputError(f"data.repeats needs one whole number >= 1 per data.path entry ({len(paths)}), got {repeats}")
     merged = Source([])
-    for path in paths:
+    for path, times in zip(paths, repeats):
         part = _scan_one(path, config, progress)
         for record in part.records:
             record.table += len(merged.tables)
-        merged.records += part.records
+        merged.records += part.records * times  # the same Record objects: one decode, one cache entry
         merged.skipped += part.skipped
         merged.tables += part.tables
     return merged

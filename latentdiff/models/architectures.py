@@ -265,11 +265,15 @@ def build_components(
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id, **arch.text_encoder,
     })  # fmt: skip
-    with init_empty_weights() if empty else _seeded(seed):
-        # One stream of draws, always in this order, so each part depends only on (architecture, seed).
-        unet = UNet2DConditionModel.from_config(_settings(arch.unet))
-        vae = AutoencoderKL.from_config(_settings(arch.vae))
-        text_encoder = CLIPTextModel(text_config)
+    def part(make):
+        # Each part draws from its own stream seeded with `seed`, so it depends only on its own config
+        # and the seed: a from-scratch run that changes its U-Net keeps the same VAE (and VAE stage).
+        with init_empty_weights() if empty else _seeded(seed):
+            return make()
+
+    unet = part(lambda: UNet2DConditionModel.from_config(_settings(arch.unet)))
+    vae = part(lambda: AutoencoderKL.from_config(_settings(arch.vae)))
+    text_encoder = part(lambda: CLIPTextModel(text_config))
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     return {

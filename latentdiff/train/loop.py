@@ -130,11 +130,10 @@ def save_checkpoint(run: Run) -> None:
     """A checkpoint of the U-Net stage where it stands (collective)."""
     session, config = run.session, run.session.config
     state = {
-        **run.steps.state(),  # step, epoch, position (batches of `epoch` already consumed), micro_step
+        **run.steps.state(),  # step, epoch, position (batches of `epoch` already consumed), micro_step, seconds
         "seed": config.train.seed,  # the data order and noise derive from it
         "world_batch": run.global_batch,
         "processes": session.world,
-        "seconds": run.seconds(),  # training time, all sessions
     }
     path = checkpoints.save(session.accelerator, session.out, run.steps.step, state, to_toml(config),
                             config.checkpoint.keep)  # fmt: skip

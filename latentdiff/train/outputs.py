@@ -113,7 +113,7 @@ def _write_final(run: Run, step: int, full) -> None:
     pipe = inference_pipe(run)
     if full is not None:  # whole weights gathered from the shards, into plain copies of the modules
         pipe.unet, pipe.text_encoder = (_gathered(acc, m, full, run.modules) for m in (run.unet, run.text_encoder))
-    card = model_card(config, session.result, run.seconds(), len(run.data.source.records), session.world)
+    card = model_card(config, session.result, run.steps.seconds(), len(run.data.source.records), session.world)
     if config.lora.enabled:
         from peft.utils import get_peft_model_state_dict
 

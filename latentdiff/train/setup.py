@@ -202,13 +202,7 @@ class Run:
     optimizer: Any  # accelerate's wrapper: it skips the step while gradients accumulate, and scales fp16
     lr_scheduler: Any  # stepped once per optimizer step (by the loop)
     ema: Any  # diffusers' EMAModel over `params`, or None
-    steps: Steps  # where the stage stands (from the checkpoint on a resume)
-    seconds_before: float = 0.0  # training time of the run's earlier sessions
-    started: float = field(default_factory=time.perf_counter)
-
-    def seconds(self) -> float:
-        """Training time of the whole run, all sessions."""
-        return self.seconds_before + time.perf_counter() - self.started
+    steps: Steps  # where the stage stands (from the checkpoint on a resume), and its wall time
 
 
 def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
@@ -251,7 +245,7 @@ def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
         loader_kwargs=loader_kwargs, global_batch=global_batch, modules=modules,
         unet=_prepared_or_frozen(acc, modules, pipe.unet), text_encoder=_prepared_or_frozen(acc, modules, pipe.text_encoder),
         train_text_encoder=train_te, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-        steps=session.steps(config.train.max_steps, "training", state), seconds_before=(state or {}).get("seconds", 0.0),
+        steps=session.steps(config.train.max_steps, "training", state),
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ starts from, so that it takes exactly the batches an uninterrupted run would hav
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 
@@ -31,6 +32,8 @@ class Steps:
         self.epoch = state.get("epoch", 0)
         self.position = state.get("position", 0)  # batches of `epoch` already consumed
         self.micro = state.get("micro_step", 0)  # batches consumed in all (one per micro-step)
+        self.seconds_before = state.get("seconds", 0.0)  # wall time of the stage's earlier sessions
+        self.started = time.perf_counter()
         self.bar = bar  # a tqdm bar (or None), advanced once per optimizer step
 
     @property
@@ -71,9 +74,14 @@ class Steps:
         """True at every n-th optimizer step but the last: the end of the stage does its own."""
         return self.every(n) and not self.finished
 
-    def state(self) -> dict[str, int]:
-        """What a checkpoint stores to resume exactly here."""
-        return {"step": self.step, "epoch": self.epoch, "position": self.position, "micro_step": self.micro}
+    def seconds(self) -> float:
+        """Wall time of the stage so far, all sessions of the run together."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint stores to resume exactly here (and the stage's wall time so far)."""
+        return {"step": self.step, "epoch": self.epoch, "position": self.position, "micro_step": self.micro,
+                "seconds": self.seconds()}  # fmt: skip
 
     def close(self) -> None:
         if self.bar is not None:

@@ -28,12 +28,21 @@ from .objective import draw_global, step_seed
 SCALE_SAMPLES = 256  # training images used to measure the latent standard deviation
 
 
-def split_holdout(count: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training indices, held-out indices): a seeded choice, so every rank and every resume agrees."""
-    order = list(range(count))
-    random.Random(f"{seed}/vae-holdout").shuffle(order)
-    held = sorted(order[: min(holdout, max(count - 1, 0))])
-    kept = sorted(order[len(held) :])
+def split_holdout(digests: list[str], holdout: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of records with image hashes ``digests``.
+
+    A seeded choice of ``holdout`` distinct images, so every rank and every resume agrees; an image
+    that appears several times (``data.repeats``) is held out with all its copies, never half.
+    """
+    unique = sorted(set(digests))
+    random.Random(f"{seed}/vae-holdout").shuffle(unique)
+    chosen = set(unique[: min(holdout, max(len(unique) - 1, 0))])
+    held, seen = [], set()
+    for i, d in enumerate(digests):
+        if d in chosen and d not in seen:  # one copy of each held-out image is scored
+            held.append(i)
+            seen.add(d)
+    kept = [i for i, d in enumerate(digests) if d not in chosen]
     return kept, held
 
 
@@ -77,7 +86,7 @@ def train_vae(session, pipe, data) -> Path:
     if not config.model.vae_path and not (folder.is_dir() and checkpoints.complete(folder)):
         start_nearly_deterministic(vae)
     records = data.source.records
-    kept, held = split_holdout(len(records), stage.holdout, config.train.seed)
+    kept, held = split_holdout([r.digest for r in records], stage.holdout, config.train.seed)
     size = (config.data.resolution, config.data.resolution)
     dataset = TrainDataset(data.source, [size], [0] * len(records), config.data, config.train.seed)
     batches = BucketBatches([0] * len(kept), stage.batch_size, config.train.seed, session.world, session.rank)
@@ -120,7 +129,8 @@ def train_vae(session, pipe, data) -> Path:
     vae.register_to_config(scaling_factor=_latent_scale(session, vae, kept, dataset))
     session.say(f"VAE stage done: held-out PSNR {value:.2f} dB on {len(held)} images; "
                 f"scaling_factor {vae.config.scaling_factor:.5f}")  # fmt: skip
-    on_main(_write_vae, vae, target, {"held_out_psnr_db": value, "held_out_images": len(held), "steps": steps.step})
+    report = {"held_out_psnr_db": value, "held_out_images": len(held), "steps": steps.step, "seconds": steps.seconds()}
+    on_main(_write_vae, vae, target, report)
     acc.free_memory()  # forget the VAE and its optimizer: the U-Net stage registers its own
     session.result.vae_psnr = value
     return target
