@@ -394,3 +394,16 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_global_batch(shapes,
     assert (state["micro_step"], state["world_batch"]) == (4, 2)
     optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
     assert {int(s["step"]) for s in optimizer["state"].values()} == {2}  # Adam stepped twice, not four times
+
+
+def test_vae_lr_holds_then_decays_linearly_to_zero():
+    from types import SimpleNamespace
+
+    from latentdiff.train.vae_stage import stage_lr
+
+    stage = SimpleNamespace(steps=10, decay_steps=4, lr=1e-3)
+    assert [round(stage_lr(stage, s) / 1e-3, 6) for s in range(10)] == [1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    # extending a run (steps and decay_steps raised together) keeps the LR of every step already run
+    longer = SimpleNamespace(steps=14, decay_steps=8, lr=1e-3)
+    assert all(stage_lr(longer, s) == stage_lr(SimpleNamespace(steps=6, decay_steps=0, lr=1e-3), s) for s in range(6))
+    assert stage_lr(SimpleNamespace(steps=10, decay_steps=0, lr=2e-4), 9) == 2e-4

@@ -107,6 +107,9 @@ class VaeStageConfig:
     steps: int = 0  # > 0: train the VAE first (from-scratch models without a pretrained VAE)
     batch_size: int = 8
     lr: float = 1e-4
+    # the last decay_steps of the stage lower the LR linearly to 0 ("warmup-stable-decay"; 0 = constant LR):
+    # a run can be extended by raising steps and decay_steps together, and the steps already run stay valid
+    decay_steps: int = 0
     kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)) against the reconstruction loss
     holdout: int = 8  # images kept out of VAE training to report PSNR on
     eval_every: int = 0  # steps; 0 = only at the end
@@ -165,3 +168,4 @@ def check_config(config: TrainConfig) -> None:
          "lora.enabled needs a pretrained model (model.path): LoRA adapts existing weights")  # fmt: skip
     if config.vae.steps:
         need(config.vae.batch_size >= 1 and config.vae.lr > 0, "vae.batch_size and vae.lr must be positive")
+        need(0 <= config.vae.decay_steps <= config.vae.steps, "vae.decay_steps must be from 0 to vae.steps")

@@ -46,6 +46,13 @@ def split_holdout(digests: list[str], holdout: int, seed: int) -> tuple[list[int
     return kept, held
 
 
+def stage_lr(stage, step: int) -> float:
+    """The LR of optimizer step ``step`` (0-based): ``stage.lr``, then down linearly to 0 over the last
+    ``stage.decay_steps`` (Hu et al. 2024, MiniCPM's warmup-stable-decay schedule, without warm-up)."""
+    left = stage.steps - step
+    return stage.lr * min(1.0, left / stage.decay_steps) if stage.decay_steps else stage.lr
+
+
 def start_nearly_deterministic(vae, log_variance: float = -8.0) -> None:
     """Shift the initial posterior log-variance to ``log_variance`` (std ~ 0.02 for -8).
 
@@ -106,6 +113,8 @@ def train_vae(session, pipe, data) -> Path:
         with acc.accumulate(model):
             shape = (per_rank * session.world, vae.config.latent_channels, *_latent_size(vae, pixels))
             eps = draw_global(shape, step_seed(config.train.seed, steps.micro, "vae"), session.device, session.rank, per_rank)
+            for group in optimizer.param_groups:  # a pure function of the step: nothing to checkpoint
+                group["lr"] = stage_lr(stage, steps.step)
             recon, kl = model(pixels, eps)
             # KL per latent element is summed over the latent by diffusers; normalise by pixels like the MSE
             loss = torch.nn.functional.mse_loss(recon.float(), pixels) + stage.kl_weight * kl.mean() / pixels[0].numel()
