@@ -1,8 +1,11 @@
-"""The README's sample grid: each listed prompt with the default model, one row per prompt.
+"""The README's sample grids: prompts drawn by a model, one labelled row per prompt.
 
-    python inference/samples.py -o docs/samples.png     # (what made the committed grid)
+    python inference/samples.py -o docs/samples.png                      # the committed grid (guidance 5)
+    python inference/samples.py --guidance 1 5 -o docs/guidance.png      # the same prompts without and with CFG
 
-Options: --model FOLDER, --seeds 0 1 2 3, --steps 25, --guidance 5, prompts as arguments.
+The default prompts are held-out shapes captions (combinations the default model never saw in
+training) and emoji names. Options: --model FOLDER, --seeds 0 1 2 3, --steps 25, --guidance G [G ...],
+--scale 2 (pixels per image pixel), prompts as arguments.
 """
 
 import argparse
@@ -12,11 +15,16 @@ from latentdiff.fileio import atomic_write
 from latentdiff.generation.images import grid
 
 PROMPTS = [
+    # held out of the shapes training set: never seen together in training
+    "a red circle at the top on an orange background",
+    "a yellow star in the bottom right on a green background",
+    "a purple square in the top right on a white background",
+    "a white triangle in the bottom left on a black background",
+    # emoji names (training captions of the emoji set)
     "red apple",
     "sunflower",
-    "a red circle in the top left on a blue background",
-    "a yellow star in the center on a black background",
-    "a green triangle in the bottom right on a white background",
+    "rocket",
+    "blue heart",
 ]
 
 
@@ -26,18 +34,23 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one column per seed")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[5.0], help="one block of columns per value")
+    parser.add_argument("--scale", type=int, default=2, help="enlarge each image this many times (default 2)")
     parser.add_argument("-o", "--output", default="samples.png")
     args = parser.parse_args(argv)
     pipe = LatentDiffusion.from_pretrained(args.model)
     images = []
     for prompt in args.prompts:
-        result = pipe(prompt, num_images_per_prompt=len(args.seeds), seed=list(args.seeds),
-                      num_inference_steps=args.steps, guidance_scale=args.guidance)  # fmt: skip
-        images += result.images
+        for guidance in args.guidance:
+            result = pipe(prompt, num_images_per_prompt=len(args.seeds), seed=list(args.seeds),
+                          num_inference_steps=args.steps, guidance_scale=guidance)  # fmt: skip
+            images += result.images
+    several = len(args.guidance) > 1
+    columns = [f"g {g:g}, seed {s}" if several else f"seed {s}" for g in args.guidance for s in args.seeds]
+    sheet = grid(images, columns=len(columns), row_labels=list(args.prompts), column_labels=columns, scale=args.scale)
     with atomic_write(args.output) as f:
-        grid(images, columns=len(args.seeds)).save(f, format="PNG")
-    print(f"wrote {args.output}: {len(args.prompts)} prompts x {len(args.seeds)} seeds")
+        sheet.save(f, format="PNG")
+    print(f"wrote {args.output}: {len(args.prompts)} prompts x {len(columns)} images")
 
 
 if __name__ == "__main__":

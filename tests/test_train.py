@@ -407,3 +407,19 @@ def test_vae_lr_holds_then_decays_linearly_to_zero():
     longer = SimpleNamespace(steps=14, decay_steps=8, lr=1e-3)
     assert all(stage_lr(longer, s) == stage_lr(SimpleNamespace(steps=6, decay_steps=0, lr=1e-3), s) for s in range(6))
     assert stage_lr(SimpleNamespace(steps=10, decay_steps=0, lr=2e-4), 9) == 2e-4
+
+
+def test_loss_plot_from_the_log_of_both_stages(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from latentdiff.train.outputs import plot_training_log
+
+    log = tmp_path / "log.jsonl"
+    rows = [{"step": 1, "vae_loss": 0.5}, {"step": 2, "vae_loss": 0.3, "vae_psnr": 20.0}, {"step": 1, "loss": 0.2},
+            {"step": 2, "loss": 0.1}, {"step": 2, "loss": 0.1}]  # a resumed session may log a step twice
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_training_log(log, tmp_path / "loss.png")
+    assert Image.open(tmp_path / "loss.png").size[0] > Image.open(tmp_path / "loss.png").size[1]  # two panels
+    log.write_text(json.dumps({"step": 1, "lr": 1e-3}) + "\n")
+    assert not plot_training_log(log, tmp_path / "none.png") and not (tmp_path / "none.png").exists()

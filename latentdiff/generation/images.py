@@ -79,16 +79,41 @@ def load_inputs(image, num_prompts: int, what: str = "image"):
     return loaded, names
 
 
-def grid(images, columns: int):
-    """Equal-sized images (PIL or uint8 (H, W, 3) arrays) pasted row by row into one PIL image."""
-    from PIL import Image
+def grid(images, columns: int, *, row_labels=None, column_labels=None, scale: int = 1):
+    """Equal-sized images (PIL or uint8 (H, W, 3) arrays) pasted row by row into one PIL image.
+
+    ``row_labels`` (one per row) are written in a margin on the left, ``column_labels`` (one per
+    column) above; ``scale`` enlarges every image by a whole factor (nearest neighbour, so 64-pixel
+    images stay sharp on a page).
+    """
+    from PIL import Image, ImageDraw, ImageFont
 
     images = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
-    if not images or columns < 1:
-        raise InvalidInputError("grid needs at least one image and at least one column")
-    w, h = images[0].size
+    if not images or columns < 1 or scale < 1:
+        raise InvalidInputError("grid needs at least one image, at least one column and a scale of at least 1")
     rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (min(columns, len(images)) * w, rows * h), (255, 255, 255))
+    columns = min(columns, len(images))
+    for labels, count, what in ((row_labels, rows, "row"), (column_labels, columns, "column")):
+        if labels is not None and len(labels) != count:
+            raise InvalidInputError(f"grid has {count} {what}s but {len(labels)} {what} labels")
+    w, h = images[0].size[0] * scale, images[0].size[1] * scale
+    font = ImageFont.load_default(size=max(11, min(18, h // 5)))
+    pad = 6
+
+    def width(text: str) -> int:
+        box = font.getbbox(text)
+        return box[2] - box[0]
+
+    left = max((width(t) for t in row_labels), default=0) + 2 * pad if row_labels else 0
+    top = font.size + 2 * pad if column_labels else 0
+    sheet = Image.new("RGB", (left + columns * w, top + rows * h), (255, 255, 255))
+    pen = ImageDraw.Draw(sheet)
     for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+        if scale > 1:
+            image = image.resize((w, h), Image.Resampling.NEAREST)
+        sheet.paste(image, (left + (i % columns) * w, top + (i // columns) * h))
+    for r, text in enumerate(row_labels or []):
+        pen.text((pad, top + r * h + h // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    for c, text in enumerate(column_labels or []):
+        pen.text((left + c * w + w // 2, top // 2), text, fill=(0, 0, 0), font=font, anchor="mm")
     return sheet

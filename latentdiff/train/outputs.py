@@ -81,7 +81,9 @@ def validate(run: Run, step: int) -> None:
 
 def _write_grid(run: Run, images: list, step: int) -> None:
     session = run.session
-    sheet = grid(images, columns=len(session.config.validation.seeds))
+    val = session.config.validation
+    sheet = grid(images, columns=len(val.seeds), row_labels=list(val.prompts), column_labels=[f"seed {s}" for s in val.seeds],
+                 scale=max(1, 128 // images[0].shape[0]))  # one labelled row per prompt; small images enlarged
     folder = session.out / "validation"
     folder.mkdir(exist_ok=True)
     with atomic_write(folder / f"step-{step:08d}.png") as f:
@@ -133,9 +135,51 @@ def _write_final(run: Run, step: int, full) -> None:
         print(f"LoRA written to {path}")
     else:
         folder = pipe.save_pretrained(session.out / "model")
+        if plot_training_log(session.out / "log.jsonl", folder / "loss.png"):
+            card += "\n## Loss\n\n![training loss](loss.png)\n"
         with atomic_write(folder / "README.md", "w") as f:
             f.write(card)
         print(f"model written to {folder}")
+
+
+def plot_training_log(log: Path, target: Path) -> bool:
+    """Plot the losses of ``log.jsonl`` (U-Net stage; VAE stage and held-out PSNR where the run had
+    one) to ``target``; False, writing nothing, without matplotlib or without logged losses.
+
+    A step logged twice (a session resumed before its next checkpoint redoes some steps) keeps its
+    last value. Uses a bare ``Figure``, so the caller's pyplot state is untouched.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    series: dict[str, dict[int, float]] = {}
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            for key in ("loss", "vae_loss", "vae_psnr"):
+                if key in row:
+                    series.setdefault(key, {})[row["step"]] = row[key]
+    if "loss" not in series and "vae_loss" not in series:
+        return False
+    panels = [k for k in ("vae_loss", "loss") if k in series]
+    fig = Figure(figsize=(5.5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    titles = {"vae_loss": "VAE stage: reconstruction MSE + KL", "loss": "U-Net stage: diffusion loss"}
+    for ax, key in zip(axes, panels):
+        steps = sorted(series[key])
+        ax.plot(steps, [series[key][s] for s in steps], color="C0")
+        ax.set(xlabel="optimizer step", ylabel="loss", title=titles[key], yscale="log")
+        ax.grid(alpha=0.3)
+        if key == "vae_loss" and "vae_psnr" in series:
+            twin = ax.twinx()
+            at = sorted(series["vae_psnr"])
+            twin.plot(at, [series["vae_psnr"][s] for s in at], "o-", color="C1")
+            twin.set_ylabel("held-out PSNR (dB)", color="C1")
+    fig.tight_layout()
+    with atomic_write(target) as f:
+        fig.savefig(f, format="png", dpi=100)
+    return True
 
 
 def model_card(config: TrainConfig, result: TrainResult, seconds: float, images: int, processes: int) -> str:
@@ -148,7 +192,7 @@ def model_card(config: TrainConfig, result: TrainResult, seconds: float, images:
         ("base", base),
         ("data", f"{config.data.path}: {images} images used, {len(result.skipped)} skipped"),
         ("steps", f"{result.steps} optimizer steps, global batch {config.train.batch_size * processes * config.train.gradient_accumulation}"),
-        ("training time", f"{seconds / 60:.1f} min (all sessions of the run)"),
+        ("training time", f"{seconds / 60:.1f} min (all sessions of the run)" + _stage_times(result, seconds)),
         ("hardware", f"{hardware()}, {processes} process(es), mixed precision {config.train.mixed_precision}"),
         ("library", f"latentdiff {__version__}, torch {torch.__version__}"),
     ]  # fmt: skip
@@ -163,6 +207,15 @@ def model_card(config: TrainConfig, result: TrainResult, seconds: float, images:
     command = " ".join(["latentdiff train", *sys.argv[1:]]) if sys.argv[0].endswith("latentdiff") else " ".join(sys.argv)
     lines += ["## How it was made", "", f"`{command}` with this resolved configuration:", "", "```toml", to_toml(config) + "```", ""]
     return "\n".join(lines)
+
+
+def _stage_times(result: TrainResult, unet_seconds: float) -> str:
+    """'': one stage; else how the whole run's wall time splits between its stages."""
+    if result.vae_seconds is None:
+        return ""
+    total = result.vae_seconds + result.cache_seconds + unet_seconds
+    return (f" for the U-Net stage; VAE stage {result.vae_seconds / 60:.1f} min ({result.vae_steps} steps), "
+            f"latent cache {result.cache_seconds / 60:.1f} min (last session); {total / 60:.1f} min in all")  # fmt: skip
 
 
 def _data_licences(paths) -> list[str]:

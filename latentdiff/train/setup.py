@@ -46,6 +46,9 @@ class TrainResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     cache: Any = None  # CacheStats when data.cache
     vae_psnr: Optional[float] = None  # held-out PSNR (dB) after a VAE stage
+    vae_seconds: Optional[float] = None  # wall time of the VAE stage, all sessions (from its report)
+    vae_steps: Optional[int] = None
+    cache_seconds: float = 0.0  # wall time of filling the latent cache in this session
     main_process: bool = True  # False on the other ranks of a multi-process run
 
 
@@ -209,7 +212,9 @@ def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
     """Everything the U-Net loop needs, in the order it must be made (see the module docstring)."""
     config, acc = session.config, session.accelerator
     modules, train_te = choose_trained(session, pipe)
+    started = time.perf_counter()
     cache = fill_cache(session, pipe, data, train_te)
+    session.result.cache_seconds = time.perf_counter() - started
     global_batch = config.train.batch_size * session.world * config.train.gradient_accumulation
     batches = BucketBatches(data.bucket_of, config.train.batch_size, config.train.seed, session.world, session.rank)
     dataset = TrainDataset(data.source, data.buckets, data.bucket_of, config.data, config.train.seed,

@@ -85,6 +85,9 @@ def train_vae(session, pipe, data) -> Path:
     target = session.out / "vae"
     if (target / "config.json").is_file():
         session.say(f"VAE stage already done: using {target}")
+        report = target / "psnr.json"
+        if report.is_file():  # so the model card still tells how the VAE was made
+            _record(session.result, json.loads(report.read_text()))
         return target
     folder = session.out / "vae-stage"
     vae = pipe.vae
@@ -141,8 +144,14 @@ def train_vae(session, pipe, data) -> Path:
     report = {"held_out_psnr_db": value, "held_out_images": len(held), "steps": steps.step, "seconds": steps.seconds()}
     on_main(_write_vae, vae, target, report)
     acc.free_memory()  # forget the VAE and its optimizer: the U-Net stage registers its own
-    session.result.vae_psnr = value
+    _record(session.result, report)
     return target
+
+
+def _record(result, report: dict) -> None:
+    result.vae_psnr = report.get("held_out_psnr_db")
+    result.vae_seconds = report.get("seconds")
+    result.vae_steps = report.get("steps")
 
 
 def _write_vae(vae, target: Path, report: dict) -> None:
