@@ -41,6 +41,7 @@ class LoraSettings:
     dropout: float = 0.0
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    layout: str = "kohya"  # lora.safetensors layout: kohya (web UIs, ComfyUI) or peft (diffusers' load_lora_weights)
 
 
 @dataclass

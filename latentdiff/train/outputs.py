@@ -127,6 +127,7 @@ def _write_final(run: Run, step: int, full) -> None:
             rank=lora.rank,
             alpha=lora.alpha,
             metadata={"latentdiff_config": to_toml(config), "ss_steps": str(step)},
+            layout=lora.layout,
         )
         with atomic_write(session.out / "README.md", "w") as f:
             f.write(card)
