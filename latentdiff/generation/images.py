@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -14,29 +14,35 @@ from ..errors import InvalidInputError, MissingFileError
 ImageInput = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
 
 
-def load_image(source: ImageInput, *, mask: bool = False):
+def load_image(source: ImageInput, *, mask: bool = False, max_pixels: Optional[int] = None):
     """``source`` (a path or a PIL image) as an 8-bit RGB PIL image, upright (EXIF orientation).
 
     16-bit greyscale is scaled to 8 bits, palette and greyscale images are expanded, and an alpha
     channel is composited away with a warning: on white for pictures, on black for masks (so that
-    strokes painted on a transparent layer are what gets repainted).
+    strokes painted on a transparent layer are what gets repainted). A picture of more than
+    ``max_pixels`` pixels is refused before it is decoded.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    what = "mask" if mask else "image"
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise MissingFileError(f"image {path} does not exist")
+            raise MissingFileError(f"{what} {path} does not exist")
         try:
             with Image.open(path) as im:
+                _check_pixels(im, max_pixels, f"{what} {path}")
                 im.load()
                 image = im.copy()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            if isinstance(e, InvalidInputError):
+                raise
             raise InvalidInputError(f"cannot read {path} as an image ({type(e).__name__}); give a PNG, JPEG or WebP file") from None
     elif isinstance(source, Image.Image):
         image = source
+        _check_pixels(image, max_pixels, f"the {what}")
     else:
-        raise InvalidInputError(f"image must be a file path or a PIL image, got {type(source).__name__}")
+        raise InvalidInputError(f"{what} must be a file path or a PIL image, got {type(source).__name__}")
     image = ImageOps.exif_transpose(image)
     if image.width < 8 or image.height < 8:
         raise InvalidInputError(f"the {'mask' if mask else 'image'} is {image.width}x{image.height}; it must be at least 8x8")
@@ -56,6 +62,16 @@ def load_image(source: ImageInput, *, mask: bool = False):
     return image.convert("RGB")
 
 
+def _check_pixels(image, max_pixels: Optional[int], what: str) -> None:
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        from ..checks import Limits
+
+        raise Limits(input_pixels=max_pixels).exceeded(
+            "input_pixels", f"{what} of {image.width}x{image.height} ({image.width * image.height:,} pixels)",
+            "scale the picture down first",
+        )
+
+
 def image_hash(image) -> str:
     """First 16 hex digits of SHA-256 over an RGB image's size and pixels."""
     h = hashlib.sha256(f"{image.size}".encode())
@@ -63,8 +79,9 @@ def image_hash(image) -> str:
     return h.hexdigest()[:16]
 
 
-def load_inputs(image, num_prompts: int, what: str = "image"):
-    """Image-to-image inputs as RGB PIL images, and their paths (None where not a file)."""
+def load_inputs(image, num_prompts: int, what: str = "image", max_pixels: Optional[int] = None):
+    """Image-to-image inputs as RGB PIL images, and their paths (None where not a file); each of at
+    most ``max_pixels`` pixels."""
     if image is None:
         return None, None
     sources = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -73,7 +90,7 @@ def load_inputs(image, num_prompts: int, what: str = "image"):
             f"got {len(sources)} {what}s for {num_prompts} prompts; give one {what}, or one per prompt"
         )
     names = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in sources]
-    loaded = [load_image(s, mask=what == "mask_image") for s in sources]
+    loaded = [load_image(s, mask=what == "mask_image", max_pixels=max_pixels) for s in sources]
     if len({im.size for im in loaded}) > 1:
         warnings.warn(f"the {what}s differ in size; all are resized to the output size", stacklevel=3)
     return loaded, names
