@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import png_header
 from latentdiff import InvalidInputError
 
 CASES = [
@@ -109,25 +110,11 @@ def test_bad_clip_skip_and_embeds(tiny):
         tiny(prompt_embeds=torch.zeros(1, 80, 32), num_inference_steps=1)
 
 
-def _png_header(path, width, height):
-    """A PNG that declares width x height pixels (its pixels are not there: readers learn the size
-    from the header, which is all a limit needs to look at)."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
-    return path
-
-
 def test_input_pictures_are_bounded_before_they_are_decoded(tiny, tmp_path):
     from PIL import Image
 
     with pytest.raises(InvalidInputError, match="image .*10000x10000 \\(100,000,000 pixels\\) is above the limit input_pixels"):
-        tiny("x", image=_png_header(tmp_path / "huge.png", 10000, 10000), num_inference_steps=1)
+        tiny("x", image=png_header(tmp_path / "huge.png", 10000, 10000), num_inference_steps=1)
     Image.new("RGB", (3840, 2160), "gray").save(tmp_path / "4k.png")
     # a 4k picture is readable, but the output would take its size: refused with what to do
     with pytest.raises(InvalidInputError, match="3840x2160 .* above the limit pixels.*unless height and width \\(--size\\)"):

@@ -96,16 +96,56 @@ def load_inputs(image, num_prompts: int, what: str = "image", max_pixels: Option
     return loaded, names
 
 
-def grid(images, columns: int):
-    """Equal-sized images (PIL or uint8 (H, W, 3) arrays) pasted row by row into one PIL image."""
-    from PIL import Image
+def grid(images, columns: int, row_labels=None, column_labels=None, title: Optional[str] = None):
+    """Equal-sized images (PIL or uint8 (H, W, 3) arrays) pasted row by row into one PIL image.
+
+    With ``row_labels`` (one text per row, e.g. its prompt), ``column_labels`` (one per column, e.g.
+    its seed) and ``title``, the sheet gets a label column on the left and a header band on top, so
+    a grid says what it shows; without them it is the bare grid.
+    """
+    from PIL import Image, ImageDraw, ImageFont
 
     images = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
     if not images or columns < 1:
         raise InvalidInputError("grid needs at least one image and at least one column")
     w, h = images[0].size
     rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (min(columns, len(images)) * w, rows * h), (255, 255, 255))
+    labelled = bool(row_labels or column_labels or title)
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = (probe.textbbox((0, 0), "Ag", font=font)[3] + 4) if labelled else 0
+    texts = [_wrap(probe, font, str(t), 240, max(1, h // line)) for t in (row_labels or [])]
+    left = min(240, max((int(probe.textlength(x, font=font)) for lines in texts for x in lines), default=0)) + 8 if texts else 0
+    top = line if (column_labels or title) else 0
+    sheet = Image.new("RGB", (left + min(columns, len(images)) * w, top + rows * h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0), font=font)
+    for c, text in enumerate(column_labels or []):
+        draw.text((left + c * w + 2, 2), _fit(probe, font, str(text), w - 4), fill=(0, 0, 0), font=font)
+    for r, lines in enumerate(texts):
+        for k, text in enumerate(lines):
+            draw.text((4, top + r * h + 2 + k * line), text, fill=(0, 0, 0), font=font)
     for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+        sheet.paste(image, (left + (i % columns) * w, top + (i // columns) * h))
     return sheet
+
+
+def _wrap(draw, font, text: str, width: int, max_lines: int) -> list[str]:
+    """``text`` broken into lines of at most ``width`` pixels, at most ``max_lines`` of them (the last cut with ...)."""
+    lines: list[str] = []
+    for word in text.split() or [""]:
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(_fit(draw, font, word, width))
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = _fit(draw, font, lines[-1] + " ...", width)
+    return lines
+
+
+def _fit(draw, font, text: str, width: int) -> str:
+    while len(text) > 1 and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…"
+    return text

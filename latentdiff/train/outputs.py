@@ -80,12 +80,21 @@ def validate(run: Run, step: int) -> None:
 
 
 def _write_grid(run: Run, images: list, step: int) -> None:
+    """One row per validation prompt, one column per seed, labelled with both and the step; the PNG
+    also carries them as JSON (text chunk ``validation``)."""
+    from PIL import PngImagePlugin
+
     session = run.session
-    sheet = grid(images, columns=len(session.config.validation.seeds))
+    val = session.config.validation
+    sheet = grid(images, columns=len(val.seeds), row_labels=val.prompts,
+                 column_labels=[f"seed {s}" for s in val.seeds], title=f"step {step}")  # fmt: skip
     folder = session.out / "validation"
     folder.mkdir(exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("validation", json.dumps({"step": step, "prompts": val.prompts, "seeds": val.seeds,
+                                            "steps": val.steps, "guidance": val.guidance, "scheduler": val.scheduler}))  # fmt: skip
     with atomic_write(folder / f"step-{step:08d}.png") as f:
-        sheet.save(f, format="PNG")
+        sheet.save(f, format="PNG", pnginfo=info)
     if session.tensorboard:
         import numpy as np
 
