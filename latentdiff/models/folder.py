@@ -78,6 +78,20 @@ def check_folder(path: str | Path, variant: Optional[str] = None) -> Path:
     return root
 
 
+def read_size_rules(path: str | Path) -> Optional[tuple[int, int]]:
+    """(pixels per latent cell, native side) of a model folder from its configs alone, without loading
+    weights (None if they cannot be read): lets a command check sizes before a long load."""
+    from .architectures import size_rules
+
+    root = Path(path)
+    try:
+        vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
+        unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+        return size_rules(vae, unet)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _weights_file(root: Path, part: str, variant: Optional[str]) -> Path:
     for w in _WEIGHTS[part][1]:
         candidate = root / part / _variant_name(w, variant)
