@@ -155,3 +155,29 @@ def test_a_build_without_the_default_model_says_what_to_give(tmp_path, monkeypat
 
 def test_scheduler_config_is_saved_as_the_model_had_it(tiny, tiny_dir):
     assert json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text()) == tiny.scheduler_config
+
+
+def test_a_half_precision_folder_loads_in_diffusers_with_default_arguments(tiny, tmp_path, no_network):
+    """Stored in float16 (half the size), loaded by diffusers without torch_dtype: every part float32,
+    and the first call runs on the CPU (it failed with "Half and Float" when the text encoder's config
+    said float16). The same folder through `latentdiff convert --dtype float16` and save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from latentdiff.cli import main
+
+    half = LatentDiffusion.from_preset("tiny").to(dtype=torch.float16)
+    folders = [half.save_pretrained(tmp_path / "saved")]
+    assert main(["convert", str(folders[0]), str(tmp_path / "converted"), "--dtype", "float16"]) == 0
+    folders.append(tmp_path / "converted")
+    for folder in folders:
+        for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+            with safe_open(str(folder / weights), "pt") as f:
+                assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # the files stay small
+        theirs = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        theirs.set_progress_bar_config(disable=True)
+        assert {m.dtype for m in (theirs.unet, theirs.vae, theirs.text_encoder)} == {torch.float32}
+        ours = LatentDiffusion.from_pretrained(folder)
+        a = ours("a cat", seed=3, num_inference_steps=2, output_type="np").images
+        b = theirs("a cat", generator=torch.Generator().manual_seed(3), num_inference_steps=2, output_type="np").images
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)

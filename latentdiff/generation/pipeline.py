@@ -153,7 +153,11 @@ class LatentDiffusion:
         return cls(**architectures.build_components(name, seed), source={"preset": name, "seed": seed})
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
-        """Write a diffusers-format folder (safetensors) that diffusers' StableDiffusionPipeline loads too."""
+        """Write a diffusers-format folder (safetensors) that diffusers' StableDiffusionPipeline loads too.
+
+        The weights are stored in the pipeline's dtype (``to(dtype=torch.float16)`` first halves the
+        folder); every part loads in float32 by default, here and in diffusers, whatever the files hold.
+        """
         return folder.save_folder(
             path,
             unet=self.unet,

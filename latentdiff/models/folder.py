@@ -173,7 +173,26 @@ def save_folder(path: str | Path, *, unet, vae, text_encoder, tokenizer, schedul
         # scheduler's config would turn its defaults into explicit keys.
         with atomic_write(tmp / "scheduler" / _SCHEDULER_FILE, "w") as f:
             json.dump(scheduler_config, f, indent=2, sort_keys=True)
+        _load_as_float32(tmp / "text_encoder" / "config.json")
     return Path(path)
+
+
+def _load_as_float32(config_file: Path) -> None:
+    """Make the text encoder load in float32 by default, whatever dtype its weights are stored in.
+
+    transformers 5 loads a model in the dtype its config.json records (``dtype``; ``torch_dtype``
+    before), while diffusers loads the U-Net and VAE in float32 unless told otherwise. A folder
+    saved in float16 (small on disk) thus loaded, with diffusers' default arguments, as a float16
+    text encoder feeding a float32 U-Net: "Half and Float" on the first call. Recording float32
+    keeps the half-precision files and makes every part load alike; ``torch_dtype=`` still chooses.
+    """
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    with atomic_write(config_file, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _first_line(e: BaseException) -> str:
