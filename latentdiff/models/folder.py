@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InvalidInputError, MissingFileError
-from ..fileio import atomic_dir, atomic_write
+from ..fileio import atomic_dir, atomic_write, recover_dir
 from ..generation.samplers import scheduler_from_config
 
 # part -> (config file, accepted weight files: any one of them)
@@ -56,6 +56,8 @@ def _read_json(path: Path) -> dict:
 def check_folder(path: str | Path, variant: Optional[str] = None) -> Path:
     """Check that ``path`` is a complete model folder; return it as a Path."""
     root = Path(path)
+    if not root.exists():
+        recover_dir(root)  # a save that was killed between its renames: finish it
     if not root.exists():
         raise MissingFileError(
             f"model folder {root} does not exist; give a diffusers-format folder "
