@@ -529,3 +529,18 @@ def test_validation_grids_are_labelled(shapes, tmp_path):
     labels = [pixels[top + r * 64 : top + (r + 1) * 64, :left] for r in range(2)]
     assert all((band < 128).any() for band in labels)  # text is drawn
     assert not np.array_equal(labels[0], labels[1])  # and each row says its own prompt
+
+
+def test_the_first_run_config_trains_on_the_default_models_vae(shapes, tmp_path):
+    """training/README's first run, cut to 2 steps: no VAE stage (the default model's VAE), a labelled grid per
+    validation."""
+    first = TrainConfig.load(ROOT / "training" / "configs" / "first-run.toml",
+                             [f"data.path={shapes}", f"train.output_dir={tmp_path / 'first'}", "train.max_steps=2",
+                              "train.batch_size=2", "validation.every=1", "validation.steps=2", "checkpoint.every=0"])  # fmt: skip
+    result = train(first)
+    assert result.vae_psnr is None and not (tmp_path / "first" / "vae").exists()  # no VAE stage
+    grids = sorted(p.name for p in (tmp_path / "first" / "validation").glob("*.png"))
+    assert grids == ["step-00000001.png", "step-00000002.png"]
+    model = LatentDiffusion.from_pretrained(result.model_dir)
+    default = LatentDiffusion.from_pretrained()
+    assert all(torch.equal(a, b) for a, b in zip(model.vae.state_dict().values(), default.vae.state_dict().values()))

@@ -25,7 +25,7 @@ class ModelConfig:
     path: str = ""  # diffusers-format folder to start from; "" = random weights of `preset` (from scratch)
     preset: str = "tiny"  # architecture of a from-scratch run (see latentdiff.models.architectures.PRESETS)
     init_seed: int = 0  # seed of the random initial weights
-    vae_path: str = ""  # take the VAE from this folder (a diffusers model folder or a bare AutoencoderKL folder)
+    vae_path: str = ""  # take the VAE from this model folder or bare AutoencoderKL folder ("default": the default model's)
     train_unet: bool = True
     train_text_encoder: bool = False
     # From scratch only: entries that replace the preset's diffusers / transformers config entries,

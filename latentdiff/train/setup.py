@@ -159,14 +159,17 @@ def load_model(config: TrainConfig):
 
 
 def load_vae(path: str):
-    """An AutoencoderKL from a model folder (its ``vae/``) or a bare VAE folder."""
+    """An AutoencoderKL from a model folder (its ``vae/``) or a bare VAE folder; ``"default"``: the
+    embedded default model's (in float32)."""
     from diffusers import AutoencoderKL
 
-    root = Path(path).expanduser()
+    from ..generation.pipeline import DEFAULT_MODEL_DIR
+
+    root = DEFAULT_MODEL_DIR if path == "default" else Path(path).expanduser()
     folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
     if not (folder / "config.json").is_file():
         raise MissingFileError(f"model.vae_path: {root} holds no VAE (no config.json there or in vae/)")
-    return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
 
 
 @dataclass
