@@ -375,7 +375,7 @@ def test_a_run_ends_with_one_line_saying_what_happened(tmp_path, capsys):
     out = tmp_path / "out"
     assert batch(prompts, "--out", out) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"latentdiff: 1 of 3 rows failed, 2 images made; first: line 2 (id '2'): width must be a positive "
+    assert err[-1] == ("latentdiff: 1 of 3 rows failed, 2 images made; first: line 2 (id '2'): width must be a positive "
                        f"multiple of 8, got 100 (try 96 or 104); all reasons in {out / 'errors.jsonl'}")  # fmt: skip
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "fine"}, {"prompt": "also fine", "n": 2}])
     assert batch(good, "--out", tmp_path / "g") == 0

@@ -379,3 +379,18 @@ def test_the_api_shows_progress_as_tqdm_would(tiny, capsys):
     assert "denoising" in capsys.readouterr().err
     tiny("x", progress=False, **kw)
     assert "denoising" not in capsys.readouterr().err
+
+
+def test_eval_shows_progress_unless_told_not_to(capsys, monkeypatch, tmp_path):
+    import latentdiff.evaluate
+
+    seen = []
+
+    def capture(config):
+        seen.append(config.progress)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(latentdiff.evaluate, "evaluate", capture)
+    for extra in ([], ["--no-progress"]):
+        assert run(capsys, "eval", "--data", str(tmp_path), *extra)[0] == 130
+    assert seen == [True, False]

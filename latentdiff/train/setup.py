@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -91,7 +90,7 @@ class Session:
         if launcher_differs:
             self.say(f"warning: the accelerate config asks for mixed_precision={launcher}, the training config for "
                      f"train.mixed_precision={run.mixed_precision!r}; the training config's is used "
-                     f"(set train.mixed_precision to change it)")  # fmt: skip
+                     "(set train.mixed_precision to change it)")  # fmt: skip
 
     def say(self, text: str) -> None:
         if self.main:
