@@ -7,7 +7,7 @@ nor diffusers nor transformers; ``latentdiff.LatentDiffusion`` imports the pipel
 from importlib import import_module
 
 from ._version import __version__
-from .errors import InvalidInputError, LatentDiffusionError, MissingFileError
+from .errors import InvalidInputError, LatentDiffusionError, MissingFileError, NonFiniteResultError
 
 # name -> module that defines it, imported when the name is first read
 _LAZY = {
@@ -22,6 +22,7 @@ __all__ = [
     "LatentDiffusion",
     "LatentDiffusionError",
     "MissingFileError",
+    "NonFiniteResultError",
     "call_kwargs",
     "__version__",
 ]

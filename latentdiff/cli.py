@@ -3,6 +3,8 @@
 Subcommands: generate, batch, info, schedules, convert, data, eval, train. User mistakes (bad
 arguments, missing or damaged files) print one ``latentdiff: error: ...`` line and exit with
 status 2; no traceback. Parsing imports no heavy library: ``latentdiff --help`` is instant.
+What other libraries print (their loading bars, log messages and warnings) is silenced unless
+``--verbose`` is given; latentdiff's own warnings and bars stay.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .commands import COMMANDS, DTYPES
+from .commands import COMMANDS, DTYPES, quiet_libraries
 from .errors import InvalidInputError, LatentDiffusionError
 
 EXIT_USER_ERROR = 2
@@ -45,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="latentdiff", description="Latent text-to-image diffusion, offline and reproducible.")
     parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
+    common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes
+    common.add_argument("--verbose", action="store_true",
+                        help="also show what the libraries underneath print (loading bars, log messages, warnings)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    g = sub.add_parser("generate", help="make images from a prompt (or remake one from its PNG)")
+    g = sub.add_parser("generate", parents=[common], help="make images from a prompt (or remake one from its PNG)")
     g.add_argument("prompt", nargs="?", help='the prompt ("" for an unconditional image)')
     g.add_argument("--negative", default=None, help="negative prompt (what to steer away from)")
     g.add_argument("-n", "--num-images", type=int, default=None, help="images to make (default 1)")
@@ -72,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast", action="store_true",
                    help="fast path: float16 on CUDA (unless --dtype), channels_last, fused QKV, torch.compile")  # fmt: skip
 
-    b = sub.add_parser("batch", help="make the images of every row of a prompts file; resumable, multi-process")
+    b = sub.add_parser("batch", parents=[common],
+                       help="make the images of every row of a prompts file; resumable, multi-process")
     b.add_argument("prompts", help=".txt (a prompt a line, # comments), .jsonl or .csv (columns: "
                    "prompt, negative_prompt, seed, n, steps, guidance, width, height, scheduler, id)")  # fmt: skip
     b.add_argument("--out", required=True, help="output folder: PNGs, manifest.jsonl, errors.jsonl")
@@ -88,13 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fast", action="store_true",
                    help="fast path in --dtype: channels_last, fused QKV, torch.compile (add --dtype float16 on GPUs)")  # fmt: skip
 
-    i = sub.add_parser("info", help="describe a model: parts, parameter counts, dtypes, scheduler, weight hash")
+    i = sub.add_parser("info", parents=[common],
+                       help="describe a model: parts, parameter counts, dtypes, scheduler, weight hash")
     which = i.add_mutually_exclusive_group()
-    which.add_argument("model", nargs="?", help="model folder or single-file checkpoint (or use --preset)")
+    which.add_argument("model", nargs="?",
+                       help="model folder or single-file checkpoint (default: the embedded default model; or --preset)")  # fmt: skip
     which.add_argument("--preset", choices=list(PRESETS), default=None)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    c = sub.add_parser("convert", help="convert a model: diffusers folder <-> single .safetensors / .ckpt file")
+    c = sub.add_parser("convert", parents=[common],
+                       help="convert a model: diffusers folder <-> single .safetensors / .ckpt file")
     c.add_argument("input", help="model folder, or a single-file checkpoint (.safetensors, .ckpt)")
     c.add_argument("output", help="FILE.safetensors (or .ckpt) for one file, anything else for a folder")
     c.add_argument("--variant", default=None, metavar="NAME",
@@ -102,11 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-strict", action="store_true", help="load a file with missing/unexpected keys, with a report")
     c.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast the weights (default: keep float32)")
 
-    s = sub.add_parser("schedules", help="compare the training noise schedules (alpha-bar and log-SNR)")
+    s = sub.add_parser("schedules", parents=[common],
+                       help="compare the training noise schedules (alpha-bar and log-SNR)")
     s.add_argument("--plot", metavar="FILE.png", default=None, help="write the figure to FILE.png")
     s.add_argument("--timesteps", type=int, default=1000, help="number of training timesteps T (default 1000)")
 
-    d = sub.add_parser("data", help="build a training data set: emoji or shapes (imagefolder layout)")
+    d = sub.add_parser("data", parents=[common], help="build a training data set: emoji or shapes (imagefolder layout)")
     d.add_argument("name", choices=["emoji", "shapes"], help="emoji: Twemoji / Noto pictures with their Unicode "
                    "names; shapes: procedural pictures with compositional captions and held-out combinations")  # fmt: skip
     d.add_argument("out_dir", help="folder to create (train/, test/, metadata.jsonl, README.md, LICENSE)")
@@ -119,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skin-tones", action="store_true", default=None, help="emoji: also the skin-tone variants")
     d.add_argument("--overwrite", action="store_true", help="replace a data set already in OUT_DIR")
 
-    e = sub.add_parser("eval", help="measure a model on the shapes / emoji data sets: adherence, retrieval, VAE PSNR")
+    e = sub.add_parser("eval", parents=[common],
+                       help="measure a model on the shapes / emoji data sets: adherence, retrieval, VAE PSNR")
     e.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded default model)")
     e.add_argument("--data", action="append", required=True, metavar="DIR",
                    help="a data set made by 'latentdiff data' (repeat for shapes and emoji)")  # fmt: skip
@@ -136,9 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16, help="images per U-Net call (default 16)")
     e.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     e.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
-    e.add_argument("--progress", action="store_true", help="show a progress bar per batch")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    _add_threads(e)
 
-    t = sub.add_parser("train", help="train or fine-tune a model from a TOML config (also under accelerate launch)")
+    t = sub.add_parser("train", parents=[common],
+                       help="train or fine-tune a model from a TOML config (also under accelerate launch)")
     t.add_argument("--config", required=True, metavar="FILE.toml", help="run configuration (see training/configs/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, TOML syntax: --set optim.lr=1e-5 --set checkpoint.resume=latest")  # fmt: skip
@@ -158,6 +172,16 @@ def _add_run_arguments(p: argparse.ArgumentParser, presets, samplers) -> None:
                    help="apply a LoRA file at SCALE (default 1); repeat for several")  # fmt: skip
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="raise (or lower) a limit: pixels=2048x2048 per image, steps=1000, images=64 per call, "
+                        "input_pixels=8192x8192, prompt_chars=20000 (the defaults)")  # fmt: skip
+    _add_threads(p)
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores not busy "
+                        "with other work, at least 1)")  # fmt: skip
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -167,10 +191,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import warnings
 
-    warnings.showwarning = _one_line_warning  # the command line gets one line per warning, no source
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # (restored afterwards, for callers in the same process)
+            warnings.showwarning = _one_line_warning  # the command line gets one line per warning, no source
+            args = build_parser().parse_args(argv)
+            if not args.verbose:
+                quiet_libraries()
+            return COMMANDS[args.command](args)
     except LatentDiffusionError as e:
         print(f"latentdiff: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -9,10 +9,35 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .checks import DTYPE_NAMES as DTYPES
+from .checks import MAX_SEED, Limits, whole_number
 from .distributed import end_process_group
 from .errors import InvalidInputError
 
-DTYPES = ("float32", "float16", "bfloat16")
+# Libraries whose chatter (loading bars, log lines, warnings) the command line hides without --verbose.
+_NOT_OURS = ("transformers", "diffusers", "accelerate", "huggingface_hub", "datasets", "peft", "torch", "torchvision",
+             "safetensors", "tokenizers", "PIL", "numpy", "matplotlib")  # fmt: skip
+
+
+def quiet_libraries() -> None:
+    """Silence what other libraries print: their progress bars (``HF_HUB_DISABLE_PROGRESS_BARS``, read
+    by transformers' "Loading weights" bar and datasets), log messages below errors, and warnings
+    raised in their code. Settings the user made in the environment are kept."""
+    import logging
+    import os
+    import warnings
+
+    for variable, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                            ("DIFFUSERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
+                            ("ACCELERATE_LOG_LEVEL", "ERROR"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):  # fmt: skip
+        os.environ.setdefault(variable, value)
+    for name in _NOT_OURS:  # (libraries imported already have read the environment)
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("transformers", "diffusers"):
+        module = sys.modules.get(f"{name}.utils.logging")
+        if module is not None:  # their own switch for bars made with their tqdm wrapper
+            module.disable_progress_bar()
+    warnings.filterwarnings("ignore", module=rf"({'|'.join(_NOT_OURS)})(\.|$)")
 
 
 def generate(args) -> int:
@@ -65,8 +90,12 @@ def generate(args) -> int:
     if dtype not in DTYPES:
         raise InvalidInputError(f"the recipe asks for dtype {dtype!r}; pass --dtype, one of {', '.join(DTYPES)}")
     device = _device(args.device)
+    limits = Limits.parse(args.limit)
+    _check_before_loading(request, limits, model, preset, preset_seed)  # seconds, not after a long load
     prepare_output(args.output)
+    set_threads(args.threads, device)
     pipe = _load(model, preset, preset_seed, variant).to(device, getattr(torch, dtype))
+    pipe.limits = limits
     _apply_loras(pipe, args.lora, recipe.get("loras") if args.from_png else None)
     if args.fast:  # after the LoRAs; half precision on CUDA unless a dtype was asked for (or the recipe names one)
         pipe.optimize(dtype=dtype if (args.dtype or recipe.get("dtype")) else None)
@@ -99,11 +128,13 @@ def batch(args) -> int:
         progress=not args.no_progress,
         loras=tuple(_lora_specs(args.lora)),
         fast=args.fast,
+        limits=Limits.parse(args.limit),
         defaults=Defaults(
             negative_prompt=args.negative, n=args.num_images, steps=args.steps, guidance=args.cfg,
             width=width, height=height, scheduler=args.scheduler,
         ),
     )  # fmt: skip
+    set_threads(args.threads, config.device or "")
     try:
         code = run_batch(config)
     except BaseException:
@@ -154,9 +185,7 @@ def convert(args) -> int:
 
 
 def info(args) -> int:
-    if args.model is None and args.preset is None:
-        raise InvalidInputError("give a model folder or --preset NAME")
-    described = _load(args.model, args.preset).describe()
+    described = _load(args.model, args.preset).describe()  # no model named: the embedded default model, as generate
     if args.json:
         print(json.dumps(described, indent=2))
         return 0
@@ -220,8 +249,9 @@ def evaluate(args) -> int:
         data=[Path(d) for d in args.data], model=args.model, guidance=tuple(args.guidance), steps=args.steps,
         scheduler=args.scheduler, prompts=args.prompts, captions=args.captions, top=args.top, space=args.space,
         psnr_images=args.psnr_images, seed=args.seed, batch_size=args.batch_size,
-        device=_device(args.device), progress=args.progress,
+        device=_device(args.device), progress=not args.no_progress,
     )  # fmt: skip
+    set_threads(args.threads, config.device)
     if args.json and not Path(args.json).parent.is_dir():  # before minutes of work, not after
         raise InvalidInputError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
     report = run(config)
@@ -251,11 +281,73 @@ def _device(name: Optional[str]) -> str:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise InvalidInputError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise InvalidInputError(f"--device {name}: the meta device holds shapes, not values, so it cannot make images; "
+                                "use cpu or cuda")  # fmt: skip
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise InvalidInputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: usable if a tensor can be made there
+        try:
+            torch.zeros(1, device=device)
+        except Exception as e:  # noqa: BLE001 - each backend fails its own way
+            raise InvalidInputError(f"--device {name} is not usable here ({type(e).__name__}); use cpu or cuda") from None
     return name
+
+
+def set_threads(threads: Optional[int], device) -> None:
+    """torch's CPU threads for a command: ``--threads``, else ``OMP_NUM_THREADS`` if set, else the cores
+    that other work leaves free (at least 1). Torch's own default, one thread per core, slows
+    down many times over when other processes are busy on those cores (see the README)."""
+    import os
+
+    import torch
+
+    if threads is not None:
+        if whole_number(threads) is None or threads < 1:
+            raise InvalidInputError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+        return
+    if os.environ.get("OMP_NUM_THREADS") or str(device).startswith("cuda"):
+        return  # the user's setting (torch honours it); on a GPU the CPU threads hardly matter
+    torch.set_num_threads(free_cores())
+
+
+def free_cores() -> int:
+    """Cores this process may use that are not busy: usable cores minus the 1-minute load average."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available on this platform
+        busy = 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+def _check_before_loading(request: dict, limits: Limits, model, preset, preset_seed) -> None:
+    """The pipeline's checks that need no weights (``request.check_arguments``), with the model's size
+    rules read from its configs: a bad argument fails in a second instead of after the model load.
+    Warnings wait for the real call, which gives them once."""
+    import warnings
+
+    from .generation.pipeline import DEFAULT_MODEL_DIR
+    from .generation.request import check_arguments
+    from .models.architectures import PRESETS, size_rules
+    from .models.folder import read_size_rules
+
+    if preset is not None and (whole_number(preset_seed) is None or not 0 <= preset_seed <= MAX_SEED):
+        raise InvalidInputError(f"--preset-seed must be a whole number from 0 to 2**64-1, got {preset_seed!r}")
+    rules = None
+    if preset in PRESETS:
+        rules = size_rules(PRESETS[preset].vae, PRESETS[preset].unet)
+    elif preset is None and (model is None or Path(model).is_dir()):
+        rules = read_size_rules(DEFAULT_MODEL_DIR if model is None else model)
+    factor, native = rules or (None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_arguments(request, limits, factor=factor, default_size=native)
 
 
 def _lora_specs(specs) -> list[tuple[str, float]]:

@@ -16,3 +16,7 @@ class InvalidInputError(LatentDiffusionError, ValueError):
 
 class MissingFileError(LatentDiffusionError, FileNotFoundError):
     """A file or folder the user named (or that a model folder needs) does not exist."""
+
+
+class NonFiniteResultError(LatentDiffusionError, FloatingPointError):
+    """A call's arithmetic produced NaN or inf (extreme settings, broken weights): no image is made."""

@@ -48,6 +48,20 @@ def picture(width=64, height=48, seed=0) -> Image.Image:
     return Image.fromarray(rgb.astype(np.uint8))
 
 
+def png_header(path, width: int, height: int):
+    """A PNG that declares width x height pixels but holds almost none: readers learn the size from
+    the header (what a limit or PIL's decompression-bomb check looks at) without decoding anything."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    return path
+
+
 def build_nets(architecture, empty: bool = False):
     """(unet, vae, text_encoder, tokenizer) of an architecture record, from the library's one builder."""
     parts = build_components(architecture, empty=empty)

@@ -138,7 +138,7 @@ def test_txt_and_csv_files(tmp_path):
 
 def test_duplicate_ids_are_errors(tmp_path):
     rows, errors = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "id": "x"}, {"prompt": "b", "id": "x"}]), Defaults())
-    assert len(rows) == 1 and "is taken by an earlier row" in errors[0].reason
+    assert len(rows) == 1 and "id 'x' (its own id) is taken by the row on line 1" in errors[0].reason
 
 
 def test_resume_makes_only_what_is_missing(prompts, tmp_path):
@@ -230,7 +230,7 @@ def test_limits_are_checked_when_the_file_is_read(tmp_path, capsys):
                                                  {"prompt": "c", "scheduler": "nope"}, {"prompt": "d"}])  # fmt: skip
     rows, errors = read_rows(prompts, Defaults())
     assert [r.prompt for r in rows] == ["d"]
-    assert ["at most 10000" in errors[0].reason, "at most 16384" in errors[1].reason] == [True, True]
+    assert ["at most 10000" in errors[0].reason, "above the limit pixels" in errors[1].reason] == [True, True]
     assert "unknown scheduler 'nope'" in errors[2].reason
     # bad CLI defaults fail at once, before any model is loaded
     assert batch(prompts, "--out", tmp_path / "o", "-n", "0") == 2
@@ -326,3 +326,82 @@ def test_two_processes_refuse_another_runs_folder_without_hanging(prompts, tmp_p
     proc = subprocess.run([*command, "--steps", "3"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("holds 7 images of another run") == 2  # both processes say why
+
+
+# -- file names, ids and csv fields ------------------------------------------------------------------
+
+
+def test_ids_never_share_a_file(tmp_path):
+    """"x y" is written as x_y_<8 hex of its SHA-256>; an id spelled exactly like that must get
+    another file, not overwrite it."""
+    import hashlib
+
+    hashed = "x_y_" + hashlib.sha256(b"x y").hexdigest()[:8]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "one", "id": "x y"}, {"prompt": "two", "id": hashed}])
+    out = tmp_path / "out"
+    assert batch(prompts, "--out", out) == 0
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert len(files) == 2 and f"{hashed}-0.png" in files
+    assert sorted(read_recipe(out / f)["prompt"] for f in files) == ["one", "two"]
+    assert sorted(r["file"] for r in manifest(out)) == files
+
+
+def test_a_file_name_collision_is_an_error_when_the_file_is_read(tmp_path, monkeypatch):
+    import latentdiff.batch.rows as rows_module
+
+    monkeypatch.setattr(rows_module, "file_stem", lambda row_id: "same")  # as if two stems collided
+    rows, errors = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "id": "p"}, {"prompt": "b", "id": "q"}]), Defaults())
+    assert [r.id for r in rows] == ["p"]
+    assert errors[0].line == 2 and "id 'q' would write the same files as id 'p' on line 1" in errors[0].reason
+
+
+def test_csv_fields_beyond_the_header_and_ids_equal_as_text_are_row_errors(tmp_path):
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text("prompt,seed\na cat, sitting,5\na dog,6\n")
+    rows, errors = read_rows(csv_file, Defaults())
+    assert [r.prompt for r in rows] == ["a dog"]
+    assert errors[0].line == 2 and "3 fields but the header names 2 (extra: '5')" in errors[0].reason and "quotes" in errors[0].reason
+    rows, errors = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "id": 1}, {"prompt": "b", "id": "1"}]), Defaults())
+    assert len(rows) == 1 and "id '1' (its own id) is taken by the row on line 1 (ids are compared as text: 1 there)" in errors[0].reason
+    rows, errors = read_rows(write_jsonl(tmp_path / "q.jsonl", [{"prompt": "bad \ud800 text"}, {"prompt": "b" * 30000}]), Defaults())
+    assert not rows and "prompt is not valid text" in errors[0].reason and "above the limit prompt_chars" in errors[1].reason
+
+
+# -- what a run says, and what it checks before loading -----------------------------------------------
+
+
+def test_a_run_ends_with_one_line_saying_what_happened(tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": "bad", "width": 100}, {"prompt": "also fine"}])
+    out = tmp_path / "out"
+    assert batch(prompts, "--out", out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("latentdiff: 1 of 3 rows failed, 2 images made; first: line 2 (id '2'): width must be a positive "
+                       f"multiple of 8, got 100 (try 96 or 104); all reasons in {out / 'errors.jsonl'}")  # fmt: skip
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "fine"}, {"prompt": "also fine", "n": 2}])
+    assert batch(good, "--out", tmp_path / "g") == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"latentdiff: 3 images made; all 3 are in {tmp_path / 'g'}"
+    assert batch(good, "--out", tmp_path / "g") == 0  # a finished folder: a success with nothing to do
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"latentdiff: nothing to do: all 3 images are already in {tmp_path / 'g'}"
+
+
+def test_the_folder_is_checked_before_the_model_loads(prompts, tmp_path, capsys, monkeypatch):
+    from latentdiff import LatentDiffusion
+    from latentdiff.batch.folder import lock_folder
+
+    out = tmp_path / "out"
+    assert batch(prompts, "--out", out) == 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the folder was checked")
+
+    monkeypatch.setattr(LatentDiffusion, "from_preset", refuse)
+    assert main(["batch", str(prompts), "--out", str(out), "--preset", "tiny", "--steps", "3", "--no-progress"]) == 2
+    assert "holds 7 images of another run" in capsys.readouterr().err
+    held = lock_folder(tmp_path / "busy")  # another batch writing there
+    try:
+        assert batch(prompts, "--out", tmp_path / "busy") == 2
+        assert "another latentdiff batch is writing into" in capsys.readouterr().err
+    finally:
+        held.close()
+    assert batch(prompts, "--out", tmp_path / "o2", "--batch-size", "100") == 2
+    assert "--batch-size 100 is above the limit images=64" in capsys.readouterr().err

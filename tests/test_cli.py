@@ -81,16 +81,19 @@ def test_schedules_plot(capsys, tmp_path):
     [
         (["generate", "x", "--preset", "tiny", "--size", "100x64"], "width must be a positive multiple of 8"),
         (["generate", "x", "--preset", "tiny", "--steps", "0"], "num_inference_steps must be a whole number of at least 1"),
-        (["generate", "x", "--preset", "tiny", "--cfg", "-1"], "guidance_scale must be a finite number at least 0"),
+        (["generate", "x", "--preset", "tiny", "--cfg", "-1"], "guidance_scale must be a finite number between 0.0 and 100.0"),
         (["generate", "x", "--preset", "tiny", "--scheduler", "nope"], "invalid choice: 'nope'.*euler_a"),
         (["generate", "x", "--model", "/nonexistent/model"], "/nonexistent/model does not exist"),
         (["generate", "--preset", "tiny"], "give a prompt"),
         (["generate", "--from-png", "/nonexistent.png"], "/nonexistent.png does not exist"),
         (["generate", "x", "--preset", "tiny", "--size", "big"], "size must look like 512x512"),
-        (["info"], "give a model folder or --preset"),
         (["info", "/some/dir", "--preset", "tiny"], "not allowed with argument"),
         (["generate", "x", "--preset", "tiny", "--device", "bogus"], "'bogus' is not a torch device"),
-        (["generate", "x", "--preset", "tiny", "--steps", "2000", "--scheduler", "ddim"], "cannot run 2000 steps"),
+        (["generate", "x", "--preset", "tiny", "--steps", "1000", "--scheduler", "ddim"], "cannot run 1000 steps"),
+        (["generate", "x", "--preset", "tiny", "--steps", "2000"], "num_inference_steps 2000 is above the limit steps=1000.*--limit steps=N"),
+        (["generate", "x", "--preset", "tiny", "--device", "meta"], "--device meta: the meta device holds shapes, not values"),
+        (["generate", "x", "--preset", "tiny", "--limit", "speed=3"], "--limit takes NAME=VALUE with NAME one of pixels, steps"),
+        (["generate", "x", "--preset", "tiny", "--threads", "0"], "--threads must be at least 1"),
         (["generate", "x", "--preset", "tiny", "-o", "picture.jpg"], "images are saved as PNG"),
         (["schedules", "--plot", "curves.xyz"], "give a .png, .pdf or .svg file name"),
         (["frobnicate"], "invalid choice"),
@@ -231,3 +234,163 @@ def test_inpainting_from_the_command_line(capsys, tmp_path):
     assert read_recipe(out)["mask_image"] == str(hole.resolve())
     assert run(capsys, "generate", "--from-png", str(out), "-o", str(again), "--no-progress")[0] == 0
     assert out.read_bytes() == again.read_bytes()
+
+
+def _no_loading(monkeypatch):
+    """Make loading any model fail loudly: what must be refused before the load never gets there."""
+    from latentdiff import LatentDiffusion
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    for name in ("from_pretrained", "from_preset", "from_single_file"):
+        monkeypatch.setattr(LatentDiffusion, name, refuse)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "num_inference_steps must be a whole number of at least 1"),
+        (["--cfg", "-3"], "guidance_scale must be a finite number between 0.0 and 100.0"),
+        (["--cfg", "1e30"], "guidance_scale must be a finite number between 0.0 and 100.0"),
+        (["--eta", "1.5", "--scheduler", "ddim"], "eta must be a finite number between 0.0 and 1.0"),
+        (["--size", "30x32"], "width must be a positive multiple of 4, got 30"),  # the default model's VAE: 4 pixels a cell
+        (["--size", "16384x16384"], "16384x16384 .* is above the limit pixels"),
+        (["--size", "100000x100000"], "is above the limit pixels"),
+        (["--steps", "100000"], "above the limit steps=1000"),
+        (["--steps", "1000000000"], "above the limit steps=1000"),
+        (["-n", "100000"], "100000 images in one call is above the limit images=64"),
+        (["--hires", "8", "--size", "512x512"], "the hires result 4096x4096 .* is above the limit pixels"),
+        (["--preset", "tiny", "--preset-seed", str(2**70)], "--preset-seed must be a whole number from 0 to 2\\*\\*64-1"),
+        (["--preset", "tiny", "--size", "100x64"], "width must be a positive multiple of 8, got 100"),
+        (["--strength", "0.5"], "strength applies to image-to-image only"),
+    ],
+)
+def test_arguments_are_checked_before_the_model_loads(capsys, monkeypatch, tmp_path, argv, message):
+    import re
+
+    _no_loading(monkeypatch)
+    code, out, err = run(capsys, "generate", "x", *argv, "-o", str(tmp_path / "x.png"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and re.search(message, lines[0]), lines
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_tampered_recipes_are_one_line_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    from latentdiff.generation.recipe import save_png
+
+    base = {"prompt": "x", "seed": 1, "model": {"preset": "tiny", "seed": 0}, "num_inference_steps": 2}
+    cases = [
+        ({"seed": "one"}, "seed must be an int or a list of ints, got str"),
+        ({"num_inference_steps": [3]}, "num_inference_steps must be a whole number of at least 1, got \\[3\\]"),
+        ({"num_inference_steps": 10**9}, "above the limit steps"),
+        ({"height": 100000, "width": 100000}, "above the limit pixels"),
+        ({"hires_scale": 8.0, "height": 512, "width": 512}, "the hires result 4096x4096"),
+        ({"guidance_scale": "high"}, "guidance_scale must be a finite number"),
+        ({"prompt": 5}, "prompt must be a string or a list of strings"),
+        ({"model": {"path": 5}}, "a model path that is not text"),
+        ({"model": "tiny"}, "a model entry that is not an object"),
+        ({"loras": "abc"}, "a loras entry that is not a list"),
+        ({"dtype": ["float16"]}, "a dtype that is not text"),
+        ({"batch_size": "4"}, "a batch_size that is not a whole number"),
+        ({"scheduler": 3}, "scheduler must be a name"),
+        ({"image": 5, "strength": 0.5}, "image must be a file path or a PIL image, got int"),
+    ]
+    _no_loading(monkeypatch)
+    import re
+
+    for change, message in cases:
+        path = save_png(Image.new("RGB", (8, 8)), tmp_path / "r.png", {**base, **change})
+        code, _, err = run(capsys, "generate", "--from-png", str(path), "-o", str(tmp_path / "out.png"))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and re.search(message, lines[0]), (change, lines)
+
+
+def test_more_one_line_errors(capsys, tmp_path):
+    text = tmp_path / "x.ckpt"
+    text.write_text("this is a text file, not a checkpoint\n")
+    for argv, message in [
+        (["generate", "x", "--model", str(text)], "x.ckpt is not a readable PyTorch checkpoint"),
+        (["generate", "a \udcff prompt", "--preset", "tiny"], "prompt is not valid text: invalid UTF-8"),
+        (["generate", "x", "--preset", "tiny", "--negative", "\ud800"], "negative_prompt is not valid text"),
+    ]:
+        code, out, err = run(capsys, *argv, "-o", str(tmp_path / "o.png"))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_info_without_a_model_describes_the_default_model(capsys):
+    from latentdiff.generation.pipeline import DEFAULT_MODEL_DIR
+
+    code, out, _ = run(capsys, "info", "--json")
+    assert code == 0 and json.loads(out)["source"] == {"path": str(DEFAULT_MODEL_DIR.resolve())}
+
+
+def test_other_libraries_are_quiet_unless_verbose(tmp_path):
+    """The real command in its own process: without --verbose stderr holds nothing of transformers'
+    (its "Loading weights" bar, its warnings); --verbose brings them back."""
+    import os
+    import shutil
+
+    command = [shutil.which("latentdiff")] if shutil.which("latentdiff") else [sys.executable, "-m", "latentdiff"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
+    runs = {}
+    for flag in ([], ["--verbose"]):
+        proc = subprocess.run([*command, "generate", "red apple", "--steps", "1", "--seed", "1", "--no-progress",
+                               "-o", str(tmp_path / f"a{len(flag)}.png"), *flag],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[bool(flag)] = proc.stderr
+    assert runs[False].strip() == "", runs[False]
+    assert "Loading weights" in runs[True]
+
+
+def test_threads_default_to_the_free_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from latentdiff.commands import free_cores, set_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert free_cores() == 1  # 4 cores, about 3 busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 1.0, 1.0))
+    assert free_cores() == 1  # never fewer than one
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 1.0, 1.0))
+    assert free_cores() == 4
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        set_threads(None, "cpu")
+        assert torch.get_num_threads() == 4
+        set_threads(2, "cpu")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        set_threads(None, "cpu")  # the user's own setting is left to torch
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_api_shows_progress_as_tqdm_would(tiny, capsys):
+    kw = {"num_inference_steps": 2, "output_type": "latent", "seed": 1}
+    tiny("x", **kw)  # stderr is not a terminal here, as in a notebook
+    assert "denoising" in capsys.readouterr().err
+    tiny("x", progress=False, **kw)
+    assert "denoising" not in capsys.readouterr().err
+
+
+def test_eval_shows_progress_unless_told_not_to(capsys, monkeypatch, tmp_path):
+    import latentdiff.evaluate
+
+    seen = []
+
+    def capture(config):
+        seen.append(config.progress)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(latentdiff.evaluate, "evaluate", capture)
+    for extra in ([], ["--no-progress"]):
+        assert run(capsys, "eval", "--data", str(tmp_path), *extra)[0] == 130
+    assert seen == [True, False]

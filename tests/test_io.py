@@ -155,3 +155,113 @@ def test_a_build_without_the_default_model_says_what_to_give(tmp_path, monkeypat
 
 def test_scheduler_config_is_saved_as_the_model_had_it(tiny, tiny_dir):
     assert json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text()) == tiny.scheduler_config
+
+
+def test_a_half_precision_folder_loads_in_diffusers_with_default_arguments(tiny, tmp_path, no_network):
+    """Stored in float16 (half the size), loaded by diffusers without torch_dtype: every part float32,
+    and the first call runs on the CPU (it failed with "Half and Float" when the text encoder's config
+    said float16). The same folder through `latentdiff convert --dtype float16` and save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from latentdiff.cli import main
+
+    half = LatentDiffusion.from_preset("tiny").to(dtype=torch.float16)
+    folders = [half.save_pretrained(tmp_path / "saved")]
+    assert main(["convert", str(folders[0]), str(tmp_path / "converted"), "--dtype", "float16"]) == 0
+    folders.append(tmp_path / "converted")
+    for folder in folders:
+        for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+            with safe_open(str(folder / weights), "pt") as f:
+                assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # the files stay small
+        theirs = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        theirs.set_progress_bar_config(disable=True)
+        assert {m.dtype for m in (theirs.unet, theirs.vae, theirs.text_encoder)} == {torch.float32}
+        ours = LatentDiffusion.from_pretrained(folder)
+        a = ours("a cat", seed=3, num_inference_steps=2, output_type="np").images
+        b = theirs("a cat", generator=torch.Generator().manual_seed(3), num_inference_steps=2, output_type="np").images
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+# -- what a crash leaves ------------------------------------------------------------------------------
+
+
+def _dying_command(tmp_path, when: str, nth: int = 1):
+    """A latentdiff command line that SIGKILLs itself instead of the ``nth`` rename (os.replace or
+    os.link) whose target ends with ``when``."""
+    import sys
+
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "seen = []\n"
+        "def dying(real):\n"
+        "    def rename(src, dst, *a, **k):\n"
+        f"        if str(dst).endswith({when!r}):\n"
+        "            seen.append(dst)\n"
+        f"            if len(seen) == {nth}:\n"
+        "                os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return real(src, dst, *a, **k)\n"
+        "    return rename\n"
+        "os.replace, os.link = dying(os.replace), dying(os.link)\n"
+        "from latentdiff.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return [sys.executable, str(script)]
+
+
+def test_a_generate_killed_before_its_rename_leaves_nothing_for_long(tmp_path):
+    import os
+    import subprocess
+
+    from latentdiff.cli import main
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*_dying_command(tmp_path, ".png"), "generate", "x", "--preset", "tiny", "--steps", "1", "--seed", "7",
+                           "-o", str(out), "--no-progress"], env=env, capture_output=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -9
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".0000-7.png.") and left[0].endswith(".tmp")  # the hidden half-way PNG
+    (out / ".other.png.ffffffff-1-abc.tmp").write_bytes(b"another machine's, being written")  # not ours to judge
+    assert main(["generate", "x", "--preset", "tiny", "--steps", "1", "--seed", "7", "-o", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".other.png.ffffffff-1-abc.tmp", "0000-7.png"]
+
+
+def test_a_convert_killed_between_its_renames_is_finished_by_the_next_run(tiny_dir, tmp_path):
+    import os
+    import subprocess
+
+    from latentdiff.cli import main
+
+    target = tmp_path / "model"
+    assert main(["convert", str(tiny_dir), str(target)]) == 0  # an existing folder, to be replaced
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the 1st rename onto .../model moves the old folder aside, the 2nd moves the new one in: die instead of it
+    proc = subprocess.run([*_dying_command(tmp_path, "/model", nth=2), "convert", str(tiny_dir), str(target)], env=env,
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -9
+    assert not target.exists()  # killed between moving the old folder aside and moving the new one in
+    assert sorted(p.suffix for p in tmp_path.iterdir() if p.name.startswith(".model.")) == [".new", ".old"]
+    loaded = LatentDiffusion.from_pretrained(target)  # the next run finds the finished folder in place
+    assert loaded.weight_hash() == LatentDiffusion.from_pretrained(tiny_dir).weight_hash()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]
+    assert main(["convert", str(tiny_dir), str(target)]) == 0 and (target / "model_index.json").is_file()
+
+
+def test_write_errors_name_the_target_not_the_temporary_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    from latentdiff.cli import main
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    target = tmp_path / "picture.png"
+    code = main(["generate", "x", "--preset", "tiny", "--steps", "1", "-o", str(target), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"latentdiff: error: {target}: No space left on device"]
+    assert list(tmp_path.iterdir()) == []  # and the temporary file is gone

@@ -272,3 +272,138 @@ def test_lora_spec_parsing():
     assert parse_lora_spec("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
     assert parse_lora_spec("a/b.safetensors") == ("a/b.safetensors", 1.0)
     assert parse_lora_spec(r"C:\loras\x.safetensors") == (r"C:\loras\x.safetensors", 1.0)
+
+
+# -- other tools' layouts, in and out ----------------------------------------------------------------
+
+
+def _random_pairs(pipe, part: str, names, rank=2, seed=7):
+    """{module path: (down, up)} with random factors for linear / conv modules of one part."""
+    g = torch.Generator().manual_seed(seed)
+    model = getattr(pipe, part)
+    out = {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        down_shape = (rank, *w.shape[1:]) if w.ndim == 2 else (rank, w.shape[1], *w.shape[2:])
+        up_shape = (w.shape[0], rank) if w.ndim == 2 else (w.shape[0], rank, 1, 1)
+        out[name] = (torch.randn(down_shape, generator=g) * 0.2, torch.randn(up_shape, generator=g) * 0.2)
+    return out
+
+
+def _diffusers_with(tiny_dir, lora_file):
+    """diffusers' own pipeline on the same weights, with the LoRA loaded by its own load_lora_weights."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    pipe.load_lora_weights(str(lora_file))
+    return pipe
+
+
+def _same_outputs(ours, theirs, atol=1e-5):
+    x, c, ids = _inputs(3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.unet(x, 10, c).sample, theirs.unet(x, 10, c).sample, rtol=0, atol=atol)
+        torch.testing.assert_close(ours.text_encoder(ids)[0], theirs.text_encoder(ids)[0], rtol=0, atol=atol)
+
+
+def test_peft_writer_output_loads_in_diffusers_and_here(peft_models, tiny_dir, tmp_path, no_network):
+    """layout="peft" writes what diffusers' load_lora_weights reads (network blocked), with the
+    text encoder spelled as hub LoRAs spell it (text_encoder.text_model.encoder.layers.N...)."""
+    _, unet, text, unet_state, text_state = peft_models
+    # one rank and alpha for both parts: retrain the text adapter's factor as the U-Net's (alpha 8 / rank 4)
+    path = save_lora(tmp_path / "p.safetensors", unet_state=unet_state, text_encoder_state=text_state, rank=4, alpha=8,
+                     layout="peft", metadata={"note": "x"})  # fmt: skip
+    with safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight" in keys
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 8 and meta["note"] == "x"
+    theirs = _diffusers_with(tiny_dir, path)
+    ours = _fresh()
+    report = ours.load_lora(path)
+    assert report.unmatched_keys == [] and report.applied_keys == len(keys)  # every text-encoder key too
+    assert report.layers["text_encoder"] == len(text_state) // 2
+    _same_outputs(ours, theirs)
+    x, c, _ = _inputs(3)
+    with torch.no_grad():  # and both equal the peft model the state came from (the U-Net part: same alpha)
+        torch.testing.assert_close(ours.unet(x, 10, c).sample, unet(x, 10, c).sample, rtol=0, atol=1e-5)
+
+
+def test_hub_era_text_encoder_keys_apply(tmp_path, tiny_dir, no_network):
+    """transformers 4.x names the text encoder's modules text_model.encoder...; all of them must apply."""
+    base = _fresh()
+    te = _random_pairs(base, "text_encoder", ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1"])
+    unet = _random_pairs(base, "unet", ["mid_block.attentions.0.transformer_blocks.0.attn2.to_k"])
+    tensors = {}
+    for name, (down, up) in te.items():
+        tensors[f"text_encoder.text_model.{name}.lora_A.weight"], tensors[f"text_encoder.text_model.{name}.lora_B.weight"] = down, up
+    for name, (down, up) in unet.items():
+        tensors[f"unet.{name}.lora_A.weight"], tensors[f"unet.{name}.lora_B.weight"] = down, up
+    save_file(tensors, str(tmp_path / "hub.safetensors"))
+    report = base.load_lora(tmp_path / "hub.safetensors")
+    assert report.applied_keys == 6 and report.unmatched_keys == [] and report.layers == {"unet": 1, "text_encoder": 2}
+    _same_outputs(base, _diffusers_with(tiny_dir, tmp_path / "hub.safetensors"))
+
+
+def test_pre_peft_diffusers_layouts_load_as_diffusers_loads_them(tmp_path, tiny_dir, no_network):
+    """Attention processors (…processor.to_q_lora.down.weight), LoRA-compatible layers (…lora.down.weight)
+    and the text encoder's to_q_lora / lora_linear_layer keys: the same deltas as diffusers applies."""
+    base = _fresh()
+    attn = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    unet = _random_pairs(base, "unet", [f"{attn}.to_q", f"{attn}.to_k", f"{attn}.to_v", f"{attn}.to_out.0",
+                                        "mid_block.resnets.0.conv1", "up_blocks.0.attentions.0.proj_in"])  # fmt: skip
+    te = _random_pairs(base, "text_encoder", ["encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.out_proj",
+                                              "encoder.layers.1.self_attn.v_proj"])  # fmt: skip
+    tensors = {}
+
+    def put(stem, down, up, old=True):
+        tensors[f"{stem}.down.weight"], tensors[f"{stem}.up.weight"] = down, up
+
+    for proj, name in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
+        put(f"unet.{attn}.processor.{proj}_lora", *unet[f"{attn}.{name}"])
+    put("unet.mid_block.resnets.0.conv1.lora", *unet["mid_block.resnets.0.conv1"])
+    put("unet.up_blocks.0.attentions.0.proj_in.lora", *unet["up_blocks.0.attentions.0.proj_in"])
+    put("text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora", *te["encoder.layers.0.self_attn.q_proj"])
+    put("text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora", *te["encoder.layers.0.self_attn.out_proj"])
+    put("text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_linear_layer", *te["encoder.layers.1.self_attn.v_proj"])
+    save_file(tensors, str(tmp_path / "old.safetensors"))
+    report = base.load_lora(tmp_path / "old.safetensors")
+    assert report.unmatched_keys == [] and report.layers == {"unet": 6, "text_encoder": 3}
+    _same_outputs(base, _diffusers_with(tiny_dir, tmp_path / "old.safetensors"))
+
+
+def test_files_in_no_known_layout_say_so(tmp_path):
+    save_file({"hada_w1_a": torch.zeros(2, 2), "something.else": torch.zeros(1)}, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(InvalidInputError, match="in no layout latentdiff reads.*LoHa"):
+        _fresh().load_lora(tmp_path / "loha.safetensors")
+
+
+def test_damaged_lora_values_are_refused(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    stem = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    down, up = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    nan = down.clone()
+    nan[0, 0] = float("nan")
+    save_file({f"{stem}.lora_down.weight": nan, f"{stem}.lora_up.weight": up}, str(tmp_path / "nan.safetensors"))
+    save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor([1.0, 2.0])},
+              str(tmp_path / "vector.safetensors"))  # fmt: skip
+    pipe = _fresh()
+    with pytest.raises(InvalidInputError, match="lora_down.weight holds NaN or infinite values"):
+        pipe.load_lora(tmp_path / "nan.safetensors")
+    with pytest.raises(InvalidInputError, match=r"\.alpha holds 2 values; alpha is one number"):
+        pipe.load_lora(tmp_path / "vector.safetensors")
+    for scale in (-1e308, float("nan"), 101):
+        with pytest.raises(InvalidInputError, match="LoRA scale must be a finite number from -100 to 100"):
+            pipe.load_lora(_kohya(tmp_path, "ok.safetensors", {stem: (down, up)}), scale=scale)
+    assert pipe.loras.adapters == {}
+
+
+def test_a_lora_that_overflows_is_an_error_not_a_black_image(tmp_path, capsys):
+    """Finite but enormous weights: the result is inf / NaN. No PNG, one line naming the LoRA."""
+    stem = "lora_unet_mid_block_resnets_0_conv1"  # a 3x3 convolution whose output reaches a group norm
+    path = _kohya(tmp_path, "huge.safetensors", {stem: (torch.full((2, 64, 3, 3), 1e18), torch.full((64, 2, 1, 1), 1e18))})
+    out = tmp_path / "x.png"
+    code = main(["generate", "x", "--preset", "tiny", "--steps", "2", "--lora", f"{path}:50", "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists() and not list(tmp_path.glob("*.png"))
+    assert err[-1].startswith("latentdiff: error: ") and "NaN or infinite" in err[-1] and "LoRA 'huge' at scale 50" in err[-1]

@@ -89,6 +89,8 @@ def test_openclip_layout_round_trips_through_diffusers(tiny_v, tmp_path, no_netw
         keys = set(f.keys())
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
     assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    # the v-prediction marker where ComfyUI reads one: a "v_pred" key of the state dict itself
+    assert "v_pred" in keys and "ztsnr" not in keys
     theirs = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
     _assert_same_weights(_states(pipe), _states(theirs))
     ours = LatentDiffusion.from_single_file(path)

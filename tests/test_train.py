@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from helpers import free_port
-from latentdiff import LatentDiffusion
+from latentdiff import InvalidInputError, LatentDiffusion
+from latentdiff.cli import main
 from latentdiff.train.config import ObjectiveConfig, TrainConfig
 from latentdiff.train.loop import train
 from latentdiff.train.objective import diffusion_loss, draw_global, noise_scheduler_for
@@ -123,7 +124,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(shapes, tmp_path):
     assert [p.name for p in two.glob("checkpoint-*")] == ["checkpoint-00000003"]
     assert (two / "model" / "model_index.json").is_file() and (two / "validation" / "step-00000003.png").is_file()
     grid = Image.open(two / "validation" / "step-00000003.png")
-    assert grid.size == (64, 3 * 64)  # three prompts split across the ranks, gathered on the main process
+    # three prompts split across the ranks, gathered on the main process in order, each row labelled
+    assert json.loads(grid.text["validation"])["prompts"] == ["a red circle", "a blue square", "a green circle"]
+    assert grid.size[0] > 64 and grid.size[1] > 3 * 64
 
     one = train(config(shapes, tmp_path / "one", "train.batch_size=2", *common))
     # The same samples, noise and timesteps; only the order of the gradient sum differs (fp32 rounding, ~1e-7
@@ -423,3 +426,150 @@ def test_loss_plot_from_the_log_of_both_stages(tmp_path):
     assert Image.open(tmp_path / "loss.png").size[0] > Image.open(tmp_path / "loss.png").size[1]  # two panels
     log.write_text(json.dumps({"step": 1, "lr": 1e-3}) + "\n")
     assert not plot_training_log(log, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+# -- hostile and damaged checkpoints -------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickled without weights_only, this writes the marker file: code a stranger planted."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def _plant(path: Path, marker: Path) -> None:
+    torch.save({"state": _Payload(marker)}, path)
+
+
+def test_resume_runs_no_code_planted_in_the_checkpoint(shapes, tmp_path):
+    settings = ("train.max_steps=4", "checkpoint.every=2", "checkpoint.keep=2")
+    train(config(shapes, tmp_path / "run", *settings))
+    newest = tmp_path / "run" / "checkpoint-00000004"
+    assert (newest / "lr_scheduler.json").is_file() and (newest / "ema.safetensors").is_file()
+    assert not list(newest.glob("custom_checkpoint_*.pkl"))  # nothing accelerate would unpickle unsafely
+    marker = tmp_path / "payload-ran"
+    # the payload is live: an unsafe load runs it
+    _plant(tmp_path / "probe.pkl", marker)
+    torch.load(tmp_path / "probe.pkl", weights_only=False)
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    for planted in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin"):
+        folder = tmp_path / planted
+        shutil.copytree(tmp_path / "run", folder)
+        _plant(folder / "checkpoint-00000004" / planted, marker)
+        with pytest.raises(InvalidInputError, match=f"{planted}: its pickle asks to run code .*resume from the previous "
+                                                    "checkpoint .*checkpoint-00000002"):  # fmt: skip
+            train(config(shapes, folder, "train.max_steps=6", "checkpoint.every=2", "checkpoint.keep=2"))
+        assert not marker.exists(), f"the payload in {planted} ran"
+
+
+def test_a_damaged_checkpoint_file_is_one_line_naming_it(shapes, tmp_path, capsys):
+    train(config(shapes, tmp_path / "run", "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep=2"))
+    newest = tmp_path / "run" / "checkpoint-00000004"
+    for name in ("optimizer.bin", "model.safetensors", "ema.json"):
+        damaged = tmp_path / f"damaged-{name}"
+        shutil.copytree(tmp_path / "run", damaged)
+        file = damaged / "checkpoint-00000004" / name
+        file.write_bytes((newest / name).read_bytes()[: file.stat().st_size // 2])  # truncated: a crash, a full disk
+        code = main(["train", "--config", str(CONFIG), "--set", f"data.path={shapes}", "--set", f"train.output_dir={damaged}",
+                     "--set", "validation.prompts=[]", "--set", "train.max_steps=6", "--set", "checkpoint.every=2"])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("latentdiff: error: checkpoint file "), err[-3:]
+        assert str(file) in err[-1] and f"checkpoint.resume={damaged / 'checkpoint-00000002'}" in err[-1]
+
+
+def test_checkpoints_from_before_still_resume_exactly(shapes, tmp_path):
+    """Checkpoints written before this format hold the schedule and EMA as accelerate's
+    custom_checkpoint_0 / _1.pkl: read with weights_only=True, they resume exactly as before."""
+    from latentdiff.train.checkpoints import _read_state
+
+    straight = train(config(shapes, tmp_path / "a", "train.max_steps=6", "checkpoint.every=3"))
+    old = tmp_path / "b" / "checkpoint-00000003"
+    shutil.copytree(tmp_path / "a" / "checkpoint-00000003", old)
+    for index, key in enumerate(("lr_scheduler", "ema")):
+        torch.save(_read_state(old, key, index), old / f"custom_checkpoint_{index}.pkl")
+        (old / f"{key}.json").unlink()
+        (old / f"{key}.safetensors").unlink()
+    resumed = train(config(shapes, tmp_path / "b", "train.max_steps=6", "checkpoint.every=3"))
+    assert_same_weights(straight.model_dir, resumed.model_dir)
+
+
+def test_log_does_not_repeat_steps_after_a_resume(shapes, tmp_path):
+    train(config(shapes, tmp_path / "a", "train.max_steps=6", "checkpoint.every=3", "train.log_every=1"))
+    # a run killed after logging step 6 but before its checkpoint 6 was sealed
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-00000003", tmp_path / "b" / "checkpoint-00000003")
+    shutil.copy(tmp_path / "a" / "log.jsonl", tmp_path / "b" / "log.jsonl")
+    train(config(shapes, tmp_path / "b", "train.max_steps=6", "checkpoint.every=3", "train.log_every=1"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_launchers_mixed_precision_is_overridden_with_a_warning(shapes, tmp_path, monkeypatch, capsys):
+    from latentdiff.train.setup import Session
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its YAML
+    session = Session(config(shapes, tmp_path / "mp", "train.mixed_precision='no'"))
+    assert session.accelerator.mixed_precision == "no"
+    out = capsys.readouterr().out
+    assert "accelerate config asks for mixed_precision=bf16" in out and "train.mixed_precision='no'" in out
+    session.end()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: nothing to say
+    Session(config(shapes, tmp_path / "mp2")).end()
+    assert "mixed_precision" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("optim.beta1=1.5", "optim.beta1 must be in \\[0, 1\\), got 1.5"),
+    ("optim.beta2=-0.1", "optim.beta2 must be in \\[0, 1\\)"),
+    ("optim.eps=-1.0", "optim.eps must be positive"),
+    ("optim.weight_decay=-1.0", "optim.weight_decay must be 0 or more"),
+    ("data.num_workers=-1", "data.num_workers must be 0 or more"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps must be 0 or more"),
+    ("checkpoint.every=-1", "checkpoint.every must be 0 or more"),
+    ("vae.lr=-1.0", "vae.batch_size and vae.lr must be positive"),
+    ("lora.layout='safetensors'", "lora.layout must be kohya or peft"),
+    ("validation.scheduler='warp'", "unknown scheduler 'warp'"),
+])  # fmt: skip
+def test_out_of_range_settings_are_one_line_before_any_work(shapes, tmp_path, capsys, setting, message):
+    import re
+
+    code = main(["train", "--config", str(CONFIG), "--set", f"data.path={shapes}", "--set", f"train.output_dir={tmp_path}",
+                 "--set", "validation.prompts=['x']", "--set", setting])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not list(tmp_path.iterdir())  # refused before the run started
+
+
+def test_validation_grids_are_labelled(shapes, tmp_path):
+    result = train(config(shapes, tmp_path / "v", "train.max_steps=1", "checkpoint.every=0",
+                          "validation.prompts=['a red circle', 'a blue square']", "validation.seeds=[0, 1]"))  # fmt: skip
+    grid = Image.open(result.output_dir / "validation" / "step-00000001.png")
+    meta = json.loads(grid.text["validation"])
+    assert meta["prompts"] == ["a red circle", "a blue square"] and meta["seeds"] == [0, 1] and meta["step"] == 1
+    pixels = np.asarray(grid.convert("L"))
+    left = grid.size[0] - 2 * 64  # a label column beside the two image columns, a header band above the rows
+    top = grid.size[1] - 2 * 64
+    assert left > 0 and top > 0
+    labels = [pixels[top + r * 64 : top + (r + 1) * 64, :left] for r in range(2)]
+    assert all((band < 128).any() for band in labels)  # text is drawn
+    assert not np.array_equal(labels[0], labels[1])  # and each row says its own prompt
+
+
+def test_the_first_run_config_trains_on_the_default_models_vae(shapes, tmp_path):
+    """training/README's first run, cut to 2 steps: no VAE stage (the default model's VAE), a labelled grid per
+    validation."""
+    first = TrainConfig.load(ROOT / "training" / "configs" / "first-run.toml",
+                             [f"data.path={shapes}", f"train.output_dir={tmp_path / 'first'}", "train.max_steps=2",
+                              "train.batch_size=2", "validation.every=1", "validation.steps=2", "checkpoint.every=0"])  # fmt: skip
+    result = train(first)
+    assert result.vae_psnr is None and not (tmp_path / "first" / "vae").exists()  # no VAE stage
+    grids = sorted(p.name for p in (tmp_path / "first" / "validation").glob("*.png"))
+    assert grids == ["step-00000001.png", "step-00000002.png"]
+    model = LatentDiffusion.from_pretrained(result.model_dir)
+    default = LatentDiffusion.from_pretrained()
+    assert all(torch.equal(a, b) for a, b in zip(model.vae.state_dict().values(), default.vae.state_dict().values()))

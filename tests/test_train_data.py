@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import png_header
 from latentdiff.cli import main as cli
 from latentdiff.data.buckets import BucketBatches, assign_buckets, make_buckets
 from latentdiff.data.dataset import TrainDataset
@@ -165,6 +166,27 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path):
     source = scan(DataConfig(path=str(tmp_path)), progress=False)
     assert len(source.records) == 4
     assert sorted(Path(key).name for key, _ in source.skipped) == ["absent.png", "garbage.png", "truncated.png"]
+
+
+def test_an_image_too_large_to_read_safely_is_skipped_and_counted(tmp_path, capsys):
+    """A 20000x20000 PNG is a decompression bomb to PIL (DecompressionBombError): one skipped image,
+    like a corrupt one, not the end of the run."""
+    rows = make_images(tmp_path, 3)
+    png_header(tmp_path / "bomb.png", 20000, 20000)
+    write_jsonl(tmp_path / "metadata.jsonl", [*rows, {"file_name": "bomb.png", "text": "huge"}])
+    source = scan(DataConfig(path=str(tmp_path)), progress=False)
+    assert len(source.records) == 3
+    ((key, reason),) = source.skipped
+    assert key.endswith("bomb.png") and reason.startswith("DecompressionBombError")
+
+
+def test_the_data_builders_folder_is_accepted_as_data_path(tmp_path):
+    from latentdiff.data.builders import build, read_split
+
+    counts = build("shapes", tmp_path / "shapes", count=12, size=32)
+    source = scan(DataConfig(path=str(tmp_path / "shapes")), progress=False)
+    assert not source.skipped and len(source.records) == counts["train"] == 12  # its train/ split, not 239 complaints
+    assert sorted(r.captions[0] for r in source.records) == sorted(r["text"] for r in read_split(tmp_path / "shapes", "train"))
 
 
 def test_several_captions_pick_one_per_sample(tmp_path):

@@ -24,25 +24,49 @@ _OUR_TMP = re.compile(r"^\.([A-Za-z0-9._-]+-\d+\.png|manifest\.jsonl|errors[.a-z
 RUN_FILE, MANIFEST, ERRORS = "run.json", "manifest.jsonl", "errors.jsonl"
 
 
-def prepare_folder(out: Path, items: list[Item], run_info: dict, default_size: int, overwrite: bool):
-    """Main process: make ``out`` this run's folder, or refuse. Returns the folder lock.
+def lock_folder(out: Path):
+    """Main process: create ``out`` and lock it for this run (held until the returned handle is
+    dropped), or refuse if another batch is writing there. Before any model is loaded."""
+    out.mkdir(parents=True, exist_ok=True)
+    return _lock(out)
+
+
+def check_folder(out: Path, items: list[Item], run_info: dict, overwrite: bool) -> None:
+    """Main process, before the model is loaded: refuse a folder that holds another run, as far as
+    that can be told without the model (``run_info`` without its weight hash; rows that leave
+    their size to the model are compared by everything else). Changes nothing."""
+    if not overwrite:
+        _foreign(out, items, run_info, None, overwrite=False)
+
+
+def prepare_folder(out: Path, items: list[Item], run_info: dict, default_size: int, overwrite: bool) -> None:
+    """Main process, with the folder locked: make ``out`` this run's folder, or refuse.
 
     Images from another run (other model, dtype, device, base seed or defaults; rows this
     prompts file does not have; a row whose values changed) are never mixed in: that is an
     error, or with ``overwrite`` those images (and nothing else) are deleted. Images of this run
     that lost their manifest line are given it back from their recipe.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
     for stale in out.iterdir():  # temporary files of a killed run: never complete, never listed
         if _OUR_TMP.match(stale.name):
             stale.unlink(missing_ok=True)
     for part in out.glob("errors.part-*.jsonl"):  # errors are found afresh by every run
         part.unlink()
+    foreign, unlisted = _foreign(out, items, run_info, default_size, overwrite)
+    for path in foreign:
+        path.unlink()
+    for item, recipe in unlisted:
+        append_line(out / "manifest.part-0.jsonl", manifest_line(item, recipe, None))
+    with atomic_write(out / RUN_FILE, "w") as f:
+        json.dump(run_info, f, indent=2, sort_keys=True)
 
+
+def _foreign(out: Path, items: list[Item], run_info: dict, default_size: Optional[int], overwrite: bool):
+    """(images of another run, images of this run without a manifest line); without ``overwrite``
+    the first is an error. A key ``run_info`` lacks (the weight hash, before loading) is not compared."""
     current = {it.file: it for it in items}
     previous = _read_run_file(out)
-    same_run = previous is None or _comparable(previous) == _comparable(run_info)
+    same_run = previous is None or _comparable(previous, run_info) == _comparable(run_info, run_info)
     foreign: list[Path] = []  # images of another run
     unlisted: list[tuple[Item, dict]] = []
     recorded = _recorded(out)
@@ -61,17 +85,12 @@ def prepare_folder(out: Path, items: list[Item], run_info: dict, default_size: i
             f"{out} holds {len(foreign)} images of another run ({why}; e.g. {foreign[0].name}); "
             "use another --out folder, or --overwrite to replace them"
         )
-    for path in foreign:
-        path.unlink()
-    for item, recipe in unlisted:
-        append_line(out / "manifest.part-0.jsonl", manifest_line(item, recipe, None))
-    with atomic_write(out / RUN_FILE, "w") as f:
-        json.dump(run_info, f, indent=2, sort_keys=True)
-    return lock
+    return foreign, unlisted
 
 
-def _made_from(recipe: Optional[dict], item: Item, default_size: int) -> bool:
-    """Whether a finished image's recipe is what ``item`` asks for."""
+def _made_from(recipe: Optional[dict], item: Item, default_size: Optional[int]) -> bool:
+    """Whether a finished image's recipe is what ``item`` asks for (a size left to the model is not
+    compared when ``default_size`` is None: the model is not loaded yet)."""
     if recipe is None:
         return False
     row = item.row
@@ -80,7 +99,7 @@ def _made_from(recipe: Optional[dict], item: Item, default_size: int) -> bool:
         "num_inference_steps": row.steps, "guidance_scale": row.guidance, "scheduler": row.scheduler,
         "width": row.width or default_size, "height": row.height or default_size,
     }  # fmt: skip
-    return all(recipe.get(k) == v for k, v in expected.items())
+    return all(recipe.get(k) == v for k, v in expected.items() if v is not None or k == "scheduler")
 
 
 def _read_run_file(out: Path) -> Optional[dict]:
@@ -94,9 +113,10 @@ def _read_run_file(out: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else {"damaged": True}
 
 
-def _comparable(run_info: dict) -> dict:
-    """What makes two runs the same run (the model by its weights, not where it lies)."""
-    keys = ("model_hash", "dtype", "device", "base_seed", "defaults", "loras")
+def _comparable(run_info: dict, known: dict) -> dict:
+    """What makes two runs the same run (the model by its weights, not where it lies), of what
+    ``known`` has (before the model is loaded, all but the weight hash)."""
+    keys = [k for k in ("model_hash", "dtype", "device", "base_seed", "defaults", "loras") if k in known or k == "loras"]
     return json.loads(json.dumps({k: run_info.get(k) for k in keys}))
 
 
@@ -106,7 +126,7 @@ def merge(out: Path, items: list[Item]) -> None:
     lines = [recorded[it.file] for it in items if it.file in recorded and (out / it.file).exists()]
     with atomic_write(out / MANIFEST, "w") as f:
         f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in lines)
-    errors = [e for path in sorted(out.glob("errors.part-*.jsonl")) for e in _read_jsonl(path)]
+    errors = [e for path in sorted(out.glob("errors.part-*.jsonl")) for e in read_jsonl(path)]
     with atomic_write(out / ERRORS, "w") as f:
         f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in errors)
     for path in [*out.glob("manifest.part-*.jsonl"), *out.glob("errors.part-*.jsonl")]:
@@ -147,7 +167,7 @@ def append_line(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     """The JSON objects of a JSON-lines file; a line cut short by a crash is dropped."""
     if not path.is_file():
         return []
@@ -166,7 +186,7 @@ def _recorded(out: Path) -> dict[str, dict]:
     """Manifest lines already written (merged manifest and every part), by file name."""
     lines = {}
     for path in [out / MANIFEST, *sorted(out.glob("manifest.part-*.jsonl"))]:
-        for record in _read_jsonl(path):
+        for record in read_jsonl(path):
             if isinstance(record.get("file"), str):
                 lines[record["file"]] = record
     return lines

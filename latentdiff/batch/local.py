@@ -12,17 +12,18 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import Optional
 
-from ..checks import whole_number
+from ..checks import Limits, whole_number
 from ..distributed import on_main
 from ..errors import InvalidInputError, LatentDiffusionError
 from ..fileio import atomic_write
-from .folder import append_line, manifest_line, merge, prepare_folder
+from .folder import ERRORS, append_line, check_folder, lock_folder, manifest_line, merge, prepare_folder
 from .rows import Defaults, Item, check_values, expand, read_rows
 
 
@@ -42,14 +43,18 @@ class BatchConfig:
     defaults: Defaults = field(default_factory=Defaults)
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale), applied after loading
     fast: bool = False  # pipe.optimize(dtype=dtype) after the LoRAs: channels_last, fused QKV, torch.compile
+    limits: Limits = field(default_factory=Limits)  # the pipeline's limits; --batch-size is bounded by limits.images
 
 
 def run_batch(config: BatchConfig) -> int:
     """Make every image of the prompts file that the output folder does not hold yet.
 
-    Returns the exit code: 0 when every row was made, 1 when any row failed (see errors.jsonl).
+    Returns the exit code: 0 when every row was made (or was there already), 1 when any row
+    failed; the main process prints one line saying which (the reasons are in errors.jsonl).
     Runs under ``accelerate launch`` / ``torchrun`` as it does alone; every process returns the
     same code, and an error in any step that one process does alone reaches all of them.
+    Everything that can be checked without the model (the rows, the options, whether the folder
+    is free and holds no other run) is checked before it is loaded.
     """
     import torch
     from accelerate import PartialState
@@ -57,37 +62,46 @@ def run_batch(config: BatchConfig) -> int:
 
     from ..generation.pipeline import LatentDiffusion
 
+    limits = config.limits
     if whole_number(config.batch_size) is None or config.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.batch_size > limits.images:
+        raise limits.exceeded("images", f"--batch-size {config.batch_size}")
     check_values(config.defaults.n, config.defaults.steps, config.defaults.guidance,
-                 config.defaults.width, config.defaults.height, config.defaults.scheduler)  # fmt: skip
-    rows, parse_errors = read_rows(config.prompts, config.defaults)
+                 config.defaults.width, config.defaults.height, config.defaults.scheduler, limits=limits)  # fmt: skip
+    rows, parse_errors = read_rows(config.prompts, config.defaults, limits)
     if not rows and not parse_errors:
         raise InvalidInputError(f"prompts file {config.prompts} holds no prompts")
     items = expand(rows, config.base_seed)
 
     state = PartialState(cpu=(config.device or "").startswith("cpu") or not torch.cuda.is_available())
-    pipe = (
-        LatentDiffusion.from_preset(config.preset, seed=config.preset_seed)
-        if config.preset
-        else LatentDiffusion.from_pretrained(config.model)
-    ).to(_process_device(config.device, state), getattr(torch, config.dtype))
-    for lora_path, scale in config.loras:
-        pipe.load_lora(lora_path, scale=scale)
-    if config.fast:
-        pipe.optimize(dtype=config.dtype)  # in the run's recorded dtype, so run.json stays true
+    device = _process_device(config.device, state)
     run_info = {
-        "model": pipe.source,  # for the reader; runs are compared by the weight hash
-        "model_hash": pipe.weight_hash(),
         "dtype": config.dtype,
-        "device": pipe.device.type,
+        "device": torch.device(device).type,
         "base_seed": config.base_seed,
         "defaults": asdict(config.defaults),
     }
     if config.loras:  # unfused LoRAs are not in the weight hash, so they are part of what makes a run
-        run_info["loras"] = [{k: r[k] for k in ("name", "sha256", "scale")} for r in pipe.loras.records()]
+        run_info["loras"] = _lora_records(config.loras)
     out = Path(config.out)
-    lock = on_main(prepare_folder, out, items, run_info, pipe.default_size, config.overwrite)
+    # the folder first: taken by another batch, or holding another run, is refused before the load
+    lock = on_main(lock_folder, out)
+    on_main(check_folder, out, items, run_info, config.overwrite)
+
+    pipe = (
+        LatentDiffusion.from_preset(config.preset, seed=config.preset_seed)
+        if config.preset
+        else LatentDiffusion.from_pretrained(config.model)
+    ).to(device, getattr(torch, config.dtype))
+    pipe.limits = limits
+    for lora_path, scale in config.loras:
+        pipe.load_lora(lora_path, scale=scale)
+    if config.fast:
+        pipe.optimize(dtype=config.dtype)  # in the run's recorded dtype, so run.json stays true
+    # the model by its weights (the path is for the reader)
+    run_info = {"model": pipe.source, "model_hash": pipe.weight_hash(), **run_info}
+    on_main(prepare_folder, out, items, run_info, pipe.default_size, config.overwrite)
 
     # After on_main (a barrier) every process sees the same folder, so they all agree on
     # what is left to do; the remaining images are dealt out round-robin.
@@ -114,8 +128,38 @@ def run_batch(config: BatchConfig) -> int:
     failed = bool(errors or parse_errors)
     if state.num_processes > 1:
         failed = any(gather_object([failed]))
+    if state.is_main_process:
+        print(f"latentdiff: {summary(out, len(rows) + len(parse_errors), len(items), len(pending))}", file=sys.stderr)
     del lock  # held by the main process for the whole run
     return 1 if failed else 0
+
+
+def summary(out: Path, rows: int, images: int, pending: int) -> str:
+    """The line a finished run ends with: what was made, and which rows failed and where the reasons are."""
+    from .folder import read_jsonl
+
+    failed = read_jsonl(out / ERRORS)
+    made = pending - sum(1 for e in failed if e.get("index") is not None)
+    if not failed:
+        if pending == 0:
+            return f"nothing to do: all {images} images are already in {out}"
+        return f"{made} images made; all {images} are in {out}"
+    bad_rows = {(e.get("line"), e.get("id")) for e in failed}
+    first = failed[0]
+    where = f"line {first.get('line')}" + (f" (id {first['id']!r})" if first.get("id") is not None else "")
+    return (f"{len(bad_rows)} of {rows} rows failed, {made} images made; first: {where}: {first.get('reason')}; "
+            f"all reasons in {out / ERRORS}")  # fmt: skip
+
+
+def _lora_records(loras) -> list[dict]:
+    """What identifies the run's LoRAs (name, file hash, scale), read from the files before any model load."""
+    from ..errors import MissingFileError
+    from ..models.hashing import file_sha256
+
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise MissingFileError(f"LoRA file {path} does not exist (--lora)")
+    return [{"name": Path(path).stem, "sha256": file_sha256(path), "scale": float(scale)} for path, scale in loras]
 
 
 def _process_device(requested: Optional[str], state) -> str:

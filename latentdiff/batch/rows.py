@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..checks import whole_number
+from ..checks import Limits, whole_number
 from ..errors import InvalidInputError, MissingFileError
 
-MAX_IMAGES_PER_ROW, MAX_STEPS, MAX_SIDE = 10_000, 10_000, 16_384
+_EXTRA = "\0extra"  # csv.DictReader's key for fields beyond the header
+
+MAX_IMAGES_PER_ROW = 10_000  # a row's images are made over many calls; each call is bounded by the pipeline's Limits
 ROW_KEYS = ("prompt", "negative_prompt", "seed", "n", "steps", "guidance", "width", "height", "scheduler", "id")
 
 
@@ -61,7 +63,7 @@ class Item:
 
     @property
     def file(self) -> str:
-        return f"{_safe(self.row.id)}-{self.index}.png"
+        return f"{file_stem(self.row.id)}-{self.index}.png"
 
     def request(self) -> dict[str, Any]:
         """The pipeline arguments shared with the other images it may be batched with."""
@@ -86,9 +88,11 @@ class RowError:
 # reading prompts files
 
 
-def read_rows(path: Path, defaults: Defaults) -> tuple[list[Row], list[RowError]]:
+def read_rows(path: Path, defaults: Defaults, limits: Optional[Limits] = None) -> tuple[list[Row], list[RowError]]:
     """Rows of a .txt / .jsonl / .csv prompts file (UTF-8, with or without a BOM), and the rows
-    that could not be read."""
+    that could not be read (bad values, ids taken by an earlier row, ids whose file names would
+    be an earlier row's)."""
+    limits = limits or Limits()
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"prompts file {path} does not exist")
@@ -99,7 +103,9 @@ def read_rows(path: Path, defaults: Defaults) -> tuple[list[Row], list[RowError]
         raw = _read_raw(path, suffix)
     except UnicodeDecodeError as e:
         raise InvalidInputError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    rows, errors, seen = [], [], set()
+    rows, errors = [], []
+    seen: dict[str, tuple[int, Any]] = {}  # row id -> (line, the id as written)
+    files: dict[str, tuple[int, str]] = {}  # file stem, lower case (case-insensitive file systems) -> (line, id)
     for line_no, obj in raw:
         if isinstance(obj, str):
             errors.append(RowError(None, line_no, obj))
@@ -109,14 +115,22 @@ def read_rows(path: Path, defaults: Defaults) -> tuple[list[Row], list[RowError]
         try:
             if own_id is not None and (isinstance(own_id, bool) or not isinstance(own_id, (str, int))):
                 raise InvalidInputError(f"id must be a string or a whole number, got {own_id!r}")
+            which = "its own id" if own_id is not None else "its line number, as no id is given"
             if row_id in seen:
-                which = "its own id" if own_id is not None else "its line number, as no id is given"
-                raise InvalidInputError(f"id {row_id!r} ({which}) is taken by an earlier row; ids must be unique")
-            row = _row(obj, row_id, line_no, defaults, from_text=suffix == ".csv")
+                line, written = seen[row_id]
+                same = "" if written == (own_id if own_id is not None else line) else f" (ids are compared as text: {written!r} there)"
+                raise InvalidInputError(f"id {row_id!r} ({which}) is taken by the row on line {line}{same}; ids must be unique")
+            stem = file_stem(row_id).lower()
+            if stem in files:  # distinct ids whose files would be the same (not expected: the stems are unique)
+                line, other = files[stem]
+                raise InvalidInputError(f"id {row_id!r} would write the same files as id {other!r} on line {line}; "
+                                        "change one of the ids")  # fmt: skip
+            row = _row(obj, row_id, line_no, defaults, from_text=suffix == ".csv", limits=limits)
         except InvalidInputError as e:
             errors.append(RowError(row_id, line_no, str(e)))
             continue
-        seen.add(row_id)
+        seen[row_id] = (line_no, own_id if own_id is not None else line_no)
+        files[stem] = (line_no, row_id)
         rows.append(row)
     return rows, errors
 
@@ -144,7 +158,7 @@ def _read_raw(path: Path, suffix: str) -> list[tuple[int, Any]]:
                 else:
                     raw.append((line_no, "a line must be a JSON object"))
         else:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, restkey=_EXTRA)
             columns = reader.fieldnames or []
             unknown = [c for c in columns if c not in ROW_KEYS]
             if unknown or "prompt" not in columns:
@@ -153,11 +167,18 @@ def _read_raw(path: Path, suffix: str) -> list[tuple[int, Any]]:
                     + (f" (unknown: {', '.join(unknown)})" if unknown else "")
                 )
             for record in reader:
+                if _EXTRA in record:  # more fields than the header names: a comma inside an unquoted prompt?
+                    extra = record[_EXTRA]
+                    raw.append((reader.line_num, f"{len(columns) + len(extra)} fields but the header names {len(columns)} "
+                                                 f"(extra: {', '.join(map(repr, extra))}); put a prompt with commas in \"quotes\""))
+                    continue
                 raw.append((reader.line_num, {k: v for k, v in record.items() if k and v not in (None, "")}))
     return raw
 
 
-def _row(obj: dict, row_id: str, line: int, defaults: Defaults, from_text: bool) -> Row:
+def _row(obj: dict, row_id: str, line: int, defaults: Defaults, from_text: bool, limits: Limits) -> Row:
+    from ..generation.request import check_prompt_text
+
     unknown = sorted(set(obj) - set(ROW_KEYS))
     if unknown:
         raise InvalidInputError(f"unknown key {unknown[0]!r}; rows may have: {', '.join(ROW_KEYS)}")
@@ -183,6 +204,8 @@ def _row(obj: dict, row_id: str, line: int, defaults: Defaults, from_text: bool)
     scheduler = obj.get("scheduler", defaults.scheduler)
     if not isinstance(negative, str) or not (scheduler is None or isinstance(scheduler, str)):
         raise InvalidInputError("negative_prompt and scheduler must be strings")
+    check_prompt_text(obj["prompt"], "prompt", limits)
+    check_prompt_text(negative, "negative_prompt", limits)
     row = Row(
         id=row_id,
         line=line,
@@ -196,24 +219,28 @@ def _row(obj: dict, row_id: str, line: int, defaults: Defaults, from_text: bool)
         height=number("height", int, defaults.height),
         scheduler=scheduler,
     )
-    check_values(row.n, row.steps, row.guidance, row.width, row.height, row.scheduler, row.seed)
+    check_values(row.n, row.steps, row.guidance, row.width, row.height, row.scheduler, row.seed, limits=limits)
     return row
 
 
-def check_values(n, steps, guidance, width, height, scheduler, seed=None) -> None:
+def check_values(n, steps, guidance, width, height, scheduler, seed=None, limits: Optional[Limits] = None) -> None:
     """The checks a row (or the CLI defaults) must pass before any model is loaded: the pipeline
-    call's own rules (``generation.request``) under the row's column names, plus the most one row
-    may ask for."""
+    call's own rules (``generation.request``) and ``limits`` under the row's column names, plus the
+    most one row may ask for."""
     from ..generation import request as rules
 
+    limits = limits or Limits()
     if rules.check_count(n, "n") > MAX_IMAGES_PER_ROW:
         raise InvalidInputError(f"n must be at most {MAX_IMAGES_PER_ROW} images per row, got {n}")
-    if rules.check_steps(steps, "steps") > MAX_STEPS:
-        raise InvalidInputError(f"steps must be at most {MAX_STEPS}, got {steps}")
+    rules.check_steps(steps, "steps", limits)
     rules.check_guidance(guidance, "guidance")
     for name, value in (("width", width), ("height", height)):
-        if value is not None and rules.check_side(value, name, 8) > MAX_SIDE:
-            raise InvalidInputError(f"{name} must be at most {MAX_SIDE}, got {value}")
+        if value is not None:
+            rules.check_side(value, name, 1)  # (the model's multiple is checked at the call)
+    # (a side left to the model is counted as 8 pixels here; the call checks the real size again)
+    w, h = width or 8, height or 8
+    if w * h > limits.pixels:
+        raise limits.exceeded("pixels", f"{width or 'default'}x{height or 'default'} (at least {w * h:,} pixels)")
     if scheduler is not None:
         rules.check_scheduler(scheduler)
     if seed is not None:
@@ -236,10 +263,19 @@ def expand(rows: Iterable[Row], base_seed: int) -> list[Item]:
     return [Item(row, i, image_seed(row, i, base_seed)) for row in rows for i in range(row.n)]
 
 
-def _safe(row_id: str) -> str:
-    """A file-name-safe form of a row id (ids from the user may hold any character)."""
+_HASHED = re.compile(r"_[0-9a-f]{8}$")  # what file_stem appends
+
+
+def file_stem(row_id: str) -> str:
+    """A file-name-safe form of a row id (ids from the user may hold any character), distinct for
+    distinct ids, also on case-insensitive file systems.
+
+    An id that is safe as it is stays as it is; any other (changed characters, capitals, more than
+    80 characters, or an ending that looks like the hash suffix) gets ``_`` + 8 hex digits of its
+    SHA-256. So a plain stem never ends like a hashed one, and ``"x y"`` and ``"x_y_887fcea6"``
+    (which is ``"x y"``'s hashed stem) get different files.
+    """
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", row_id)[:80]
-    # keep distinct ids distinct, also on case-insensitive file systems ("A" and "a")
-    if safe != row_id or row_id != row_id.lower():
+    if safe != row_id or row_id != row_id.lower() or _HASHED.search(row_id):
         safe += "_" + hashlib.sha256(row_id.encode()).hexdigest()[:8]
     return safe

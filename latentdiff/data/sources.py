@@ -72,7 +72,7 @@ class Source:
     def image(self, record: Record) -> Image.Image:
         try:
             return decode_image(self.image_bytes(record))
-        except (OSError, ValueError) as e:  # checked at scan time, so the file changed under us
+        except Exception as e:  # noqa: BLE001 - checked at scan time, so the file changed under us
             raise InvalidInputError(f"training image {record.key} can no longer be read ({e}); restart the run") from None
 
 
@@ -114,10 +114,19 @@ def _scan_one(path: str, config: DataConfig, progress: bool) -> Source:
     root = Path(path).expanduser()
     if not root.exists():
         raise MissingFileError(f"training data {root} does not exist (data.path)")
+    if _is_built_data_set(root):  # the folder `latentdiff data` wrote: train on its train/ split
+        root = root / "train"
     table = _open_table(root, config)
     if table is not None:
         return _scan_table(table, config, progress, str(root))
     return _scan_caption_files(root, config, progress)
+
+
+def _is_built_data_set(root: Path) -> bool:
+    """Whether ``root`` is a data set folder written by ``latentdiff data`` (dataset.json, train/, test/)
+    rather than a folder of training images itself."""
+    return (root.is_dir() and (root / "dataset.json").is_file() and not (root / "metadata.jsonl").is_file()
+            and (root / "train" / "metadata.jsonl").is_file())  # fmt: skip
 
 
 def _open_table(root: Path, config: DataConfig):
@@ -216,8 +225,8 @@ def _scan_table(table, config: DataConfig, progress: bool, name: str) -> Source:
         try:
             data = _cell_bytes(row[image_col])
             size = decode_image(data).size
-        except (OSError, ValueError) as e:
-            skipped.append((key, str(e) or type(e).__name__))
+        except Exception as e:  # noqa: BLE001 - any image that cannot be read safely is skipped and counted
+            skipped.append((key, _unreadable(e)))
             continue
         records.append(Record(key, size, captions, _digest(data), row=i))
     return Source(records, skipped, [(table, image_col)])
@@ -243,11 +252,19 @@ def _scan_caption_files(root: Path, config: DataConfig, progress: bool) -> Sourc
             data = path.read_bytes()
             size = decode_image(data).size
             captions = _captions(text_file.read_text(encoding="utf-8-sig").splitlines())
-        except (OSError, ValueError) as e:
-            skipped.append((key, str(e) or type(e).__name__))
+        except Exception as e:  # noqa: BLE001 - any image that cannot be read safely is skipped and counted
+            skipped.append((key, _unreadable(e)))
             continue
         records.append(Record(key, size, captions or [""], _digest(data), path=str(path)))
     return Source(records, skipped)
+
+
+def _unreadable(e: BaseException) -> str:
+    """Why an image was skipped: PIL's refusal of a decompression bomb (more than twice
+    ``Image.MAX_IMAGE_PIXELS``), a truncated or corrupt file, an unreadable caption, ..."""
+    if isinstance(e, MemoryError):
+        raise e  # not the image's fault
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _captions(value) -> Optional[list[str]]:

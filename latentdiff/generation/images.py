@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -14,29 +14,35 @@ from ..errors import InvalidInputError, MissingFileError
 ImageInput = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
 
 
-def load_image(source: ImageInput, *, mask: bool = False):
+def load_image(source: ImageInput, *, mask: bool = False, max_pixels: Optional[int] = None):
     """``source`` (a path or a PIL image) as an 8-bit RGB PIL image, upright (EXIF orientation).
 
     16-bit greyscale is scaled to 8 bits, palette and greyscale images are expanded, and an alpha
     channel is composited away with a warning: on white for pictures, on black for masks (so that
-    strokes painted on a transparent layer are what gets repainted).
+    strokes painted on a transparent layer are what gets repainted). A picture of more than
+    ``max_pixels`` pixels is refused before it is decoded.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    what = "mask" if mask else "image"
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise MissingFileError(f"image {path} does not exist")
+            raise MissingFileError(f"{what} {path} does not exist")
         try:
             with Image.open(path) as im:
+                _check_pixels(im, max_pixels, f"{what} {path}")
                 im.load()
                 image = im.copy()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            if isinstance(e, InvalidInputError):
+                raise
             raise InvalidInputError(f"cannot read {path} as an image ({type(e).__name__}); give a PNG, JPEG or WebP file") from None
     elif isinstance(source, Image.Image):
         image = source
+        _check_pixels(image, max_pixels, f"the {what}")
     else:
-        raise InvalidInputError(f"image must be a file path or a PIL image, got {type(source).__name__}")
+        raise InvalidInputError(f"{what} must be a file path or a PIL image, got {type(source).__name__}")
     image = ImageOps.exif_transpose(image)
     if image.width < 8 or image.height < 8:
         raise InvalidInputError(f"the {'mask' if mask else 'image'} is {image.width}x{image.height}; it must be at least 8x8")
@@ -56,6 +62,16 @@ def load_image(source: ImageInput, *, mask: bool = False):
     return image.convert("RGB")
 
 
+def _check_pixels(image, max_pixels: Optional[int], what: str) -> None:
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        from ..checks import Limits
+
+        raise Limits(input_pixels=max_pixels).exceeded(
+            "input_pixels", f"{what} of {image.width}x{image.height} ({image.width * image.height:,} pixels)",
+            "scale the picture down first",
+        )
+
+
 def image_hash(image) -> str:
     """First 16 hex digits of SHA-256 over an RGB image's size and pixels."""
     h = hashlib.sha256(f"{image.size}".encode())
@@ -63,8 +79,9 @@ def image_hash(image) -> str:
     return h.hexdigest()[:16]
 
 
-def load_inputs(image, num_prompts: int, what: str = "image"):
-    """Image-to-image inputs as RGB PIL images, and their paths (None where not a file)."""
+def load_inputs(image, num_prompts: int, what: str = "image", max_pixels: Optional[int] = None):
+    """Image-to-image inputs as RGB PIL images, and their paths (None where not a file); each of at
+    most ``max_pixels`` pixels."""
     if image is None:
         return None, None
     sources = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -73,18 +90,19 @@ def load_inputs(image, num_prompts: int, what: str = "image"):
             f"got {len(sources)} {what}s for {num_prompts} prompts; give one {what}, or one per prompt"
         )
     names = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in sources]
-    loaded = [load_image(s, mask=what == "mask_image") for s in sources]
+    loaded = [load_image(s, mask=what == "mask_image", max_pixels=max_pixels) for s in sources]
     if len({im.size for im in loaded}) > 1:
         warnings.warn(f"the {what}s differ in size; all are resized to the output size", stacklevel=3)
     return loaded, names
 
 
-def grid(images, columns: int, *, row_labels=None, column_labels=None, scale: int = 1):
+def grid(images, columns: int, *, row_labels=None, column_labels=None, title: Optional[str] = None, scale: int = 1):
     """Equal-sized images (PIL or uint8 (H, W, 3) arrays) pasted row by row into one PIL image.
 
-    ``row_labels`` (one per row) are written in a margin on the left, ``column_labels`` (one per
-    column) above; ``scale`` enlarges every image by a whole factor (nearest neighbour, so 64-pixel
-    images stay sharp on a page).
+    With ``row_labels`` (one text per row, e.g. its prompt; long ones wrap), ``column_labels`` (one
+    per column, e.g. its seed) and ``title``, the sheet gets a label column on the left and a header
+    band on top, so a grid says what it shows; without them it is the bare grid. ``scale`` enlarges
+    every image by a whole factor (nearest neighbour, so 64-pixel images stay sharp on a page).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -98,22 +116,44 @@ def grid(images, columns: int, *, row_labels=None, column_labels=None, scale: in
             raise InvalidInputError(f"grid has {count} {what}s but {len(labels)} {what} labels")
     w, h = images[0].size[0] * scale, images[0].size[1] * scale
     font = ImageFont.load_default(size=max(11, min(18, h // 5)))
-    pad = 6
-
-    def width(text: str) -> int:
-        box = font.getbbox(text)
-        return box[2] - box[0]
-
-    left = max((width(t) for t in row_labels), default=0) + 2 * pad if row_labels else 0
-    top = font.size + 2 * pad if column_labels else 0
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = probe.textbbox((0, 0), "Ag", font=font)[3] + 4
+    texts = [_wrap(probe, font, str(t), 320, max(1, h // line)) for t in (row_labels or [])]
+    widest = max((int(probe.textlength(x, font=font)) for lines in texts for x in lines), default=0)
+    left = widest + 12 if texts else 0
+    top = line + 6 if (column_labels or title) else 0
     sheet = Image.new("RGB", (left + columns * w, top + rows * h), (255, 255, 255))
-    pen = ImageDraw.Draw(sheet)
+    draw = ImageDraw.Draw(sheet)
     for i, image in enumerate(images):
         if scale > 1:
             image = image.resize((w, h), Image.Resampling.NEAREST)
         sheet.paste(image, (left + (i % columns) * w, top + (i // columns) * h))
-    for r, text in enumerate(row_labels or []):
-        pen.text((pad, top + r * h + h // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    if title:
+        draw.text((6, top // 2), title, fill=(0, 0, 0), font=font, anchor="lm")
     for c, text in enumerate(column_labels or []):
-        pen.text((left + c * w + w // 2, top // 2), text, fill=(0, 0, 0), font=font, anchor="mm")
+        draw.text((left + c * w + w // 2, top // 2), _fit(probe, font, str(text), w - 4), fill=(0, 0, 0), font=font, anchor="mm")
+    for r, lines in enumerate(texts):
+        first = top + r * h + (h - line * len(lines)) // 2  # the row's lines centred on its images
+        for k, text in enumerate(lines):
+            draw.text((6, first + k * line), text, fill=(0, 0, 0), font=font)
     return sheet
+
+
+def _wrap(draw, font, text: str, width: int, max_lines: int) -> list[str]:
+    """``text`` broken into lines of at most ``width`` pixels, at most ``max_lines`` of them (the last cut with ...)."""
+    lines: list[str] = []
+    for word in text.split() or [""]:
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(_fit(draw, font, word, width))
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = _fit(draw, font, lines[-1] + " ...", width)
+    return lines
+
+
+def _fit(draw, font, text: str, width: int) -> str:
+    while len(text) > 1 and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…"
+    return text

@@ -8,7 +8,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from ..errors import InvalidInputError, MissingFileError
+from ..checks import MAX_SEED, Limits, torch_dtype, whole_number
+from ..errors import InvalidInputError, MissingFileError, NonFiniteResultError
 from ..models import architectures, folder
 from ..models.hashing import weight_hash, weights_fingerprint
 from ..models.lora import LoraSet
@@ -17,7 +18,7 @@ from ..models.textual_inversion import expand as expand_tokens
 from .images import ImageInput
 from .prompts import count_chunks, encode_prompts
 from .recipe import image_params
-from .request import Request
+from .request import Request, hires_size
 from .result import GenerationResult
 from .samplers import fresh_scheduler, scheduler_from_config
 from .sampling import StepCallback, denoise, initial_latents, make_generators
@@ -51,6 +52,7 @@ class LatentDiffusion:
         self.compile_report: list = []  # one record per compiled shape (optimize.py)
         self.loras = LoraSet()  # LoRA adapters: load_lora / fuse_lora / unload_lora
         self.embeddings: list[Embedding] = []  # textual inversions: load_textual_inversion
+        self.limits = Limits()  # the most one call may ask for (size, steps, images, inputs, prompt length)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -59,14 +61,18 @@ class LatentDiffusion:
         cls,
         path: Union[str, Path, None] = None,
         *,
-        dtype: Optional[torch.dtype] = None,
+        dtype: Union[torch.dtype, str, None] = None,
         variant: Optional[str] = None,
     ) -> "LatentDiffusion":
         """Load a diffusers-format SD 1.x / 2.x folder; with no path, the embedded default model.
 
-        Never touches the network. ``variant`` picks files such as ``*.fp16.safetensors``. A path to
-        a single ``.safetensors`` / ``.ckpt`` file is passed on to :meth:`from_single_file`.
+        Never touches the network. ``dtype`` (a torch.dtype or its name, e.g. ``"float16"``) applies
+        to every part; None loads float32. ``variant`` picks files such as ``*.fp16.safetensors``.
+        A path to a single ``.safetensors`` / ``.ckpt`` file is passed on to :meth:`from_single_file`.
         """
+        dtype = torch_dtype(dtype)
+        if path is not None and not isinstance(path, (str, Path)):
+            raise InvalidInputError(f"from_pretrained takes a model folder path (str or Path) or None, got {type(path).__name__}")
         if path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise MissingFileError(
@@ -86,7 +92,7 @@ class LatentDiffusion:
         variant: Optional[str] = None,
         strict: bool = True,
         *,
-        dtype: Optional[torch.dtype] = None,
+        dtype: Union[torch.dtype, str, None] = None,
     ) -> "LatentDiffusion":
         """Load an SD 1.x / 2.x checkpoint in the original single-file layout, offline.
 
@@ -96,7 +102,9 @@ class LatentDiffusion:
         """
         from ..models.single_file import load_single_file
 
-        parts, arch, _ = load_single_file(path, variant=variant, strict=strict, dtype=dtype)
+        if not isinstance(path, (str, Path)):
+            raise InvalidInputError(f"from_single_file takes a file path (str or Path), got {type(path).__name__}")
+        parts, arch, _ = load_single_file(path, variant=variant, strict=strict, dtype=torch_dtype(dtype))
         return cls(**parts, source={"path": str(Path(path).resolve()), "variant": arch.name})
 
     def save_single_file(self, path: Union[str, Path]) -> Path:
@@ -140,10 +148,16 @@ class LatentDiffusion:
     @classmethod
     def from_preset(cls, name: str, seed: int = 0) -> "LatentDiffusion":
         """Random weights of architecture ``name`` (``tiny``, ``sd15``, ``sd21``); same seed, same weights."""
+        if whole_number(seed) is None or not 0 <= seed <= MAX_SEED:
+            raise InvalidInputError(f"the preset seed must be a whole number from 0 to 2**64-1, got {seed!r}")
         return cls(**architectures.build_components(name, seed), source={"preset": name, "seed": seed})
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
-        """Write a diffusers-format folder (safetensors) that diffusers' StableDiffusionPipeline loads too."""
+        """Write a diffusers-format folder (safetensors) that diffusers' StableDiffusionPipeline loads too.
+
+        The weights are stored in the pipeline's dtype (``to(dtype=torch.float16)`` first halves the
+        folder); every part loads in float32 by default, here and in diffusers, whatever the files hold.
+        """
         return folder.save_folder(
             path,
             unet=self.unet,
@@ -258,7 +272,11 @@ class LatentDiffusion:
         is made from ``seeds[i]`` alone (see the seed contract in the README). ``scheduler`` is a
         name from ``latentdiff.generation.samplers.SAMPLERS``, or None for the model's own.
         ``callback`` is called after every step as ``callback(step_index, timestep, latents)``.
-        ``progress`` shows a progress bar (default: when stderr is a terminal).
+        ``progress``: True / False shows / hides a progress bar; None (the default) follows tqdm's
+        convention: a bar (a widget in notebooks), hidden for all tqdm bars by ``TQDM_DISABLE=1``.
+        Every call is bounded by ``self.limits`` (``latentdiff.checks.Limits``): more pixels,
+        steps or images than those is refused before any work; raise a limit if the machine can.
+        A result holding NaN or inf is an error (``NonFiniteResultError``) naming the likely cause.
 
         Prompts may be longer than 75 tokens and use the weighting syntax (see ``prompts.py``);
         ``clip_skip`` = N conditions on the N-th last text-encoder layer. ``prompt_embeds`` (B, L, D)
@@ -303,11 +321,13 @@ class LatentDiffusion:
             big, start = self._upscale(latents, size, request.hires_scale, request.hires_upscale)
             latents = self._sample(request, groups, generators, big, init=start, strength=request.hires_strength)
 
-        # 5. decode; an inpainted image keeps the input's pixels outside the mask
+        # 5. decode; an inpainted image keeps the input's pixels outside the mask. A NaN or inf
+        #    anywhere is an error, never a black image (one flag read per call, after the work)
+        self._check_finite(latents, request, "the denoised latents")
         keep = None
         if masks is not None and request.hires_scale is None and request.output_type != "latent":
             keep = known_pixels(self, inputs, masks, size)
-        images = latents if request.output_type == "latent" else self._decode(latents, request.output_type, keep)
+        images = latents if request.output_type == "latent" else self._decode(latents, request.output_type, keep, request)
 
         # 6. every image's recipe (recipe.py)
         return GenerationResult(images=images, seeds=request.seeds, params=image_params(self, request))
@@ -387,21 +407,44 @@ class LatentDiffusion:
                 finished[m] = z
         return torch.stack(finished)
 
+    def _check_finite(self, values: torch.Tensor, request: Request, what: str) -> None:
+        """Raise ``NonFiniteResultError`` naming the likely cause if ``values`` hold NaN or inf."""
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = (~torch.isfinite(values.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+        causes = []
+        if request.guidance_scale > 30:
+            causes.append(f"guidance_scale {request.guidance_scale:g} is extreme (7.5 is usual)")
+        causes += [f"LoRA {name!r} at scale {a.report.scale:g}" for name, a in self.loras.adapters.items()
+                   if abs(a.report.scale) > 4]  # fmt: skip
+        if self.dtype in (torch.float16, torch.bfloat16):
+            causes.append(f"{str(self.dtype).removeprefix('torch.')} arithmetic overflowed: try float32 (--dtype float32)")
+        if self.loras.adapters and not causes:
+            causes.append(f"the LoRAs ({', '.join(self.loras.adapters)}) do not suit this model")
+        if not causes:
+            causes.append("the model's weights (a damaged file, or one made for another architecture)")
+        raise NonFiniteResultError(
+            f"{what} of image{'s' if len(bad) > 1 else ''} {', '.join(str(i) for i in bad[:8])} hold NaN or "
+            f"infinite values, so no image was made; likely cause: {'; '.join(causes)}"
+        )
+
     def _upscale(self, latents: torch.Tensor, size: tuple[int, int], factor: float, mode: str):
         """The hires pass's size and start: latents upscaled bilinearly (B, C, h', w'), or the
         decoded images Lanczos-resized (PIL, to be encoded again)."""
         f = self.vae_scale_factor
-        big = (round(size[0] * factor / f) * f, round(size[1] * factor / f) * f)
+        big = hires_size(size, factor, f)
         if mode == "latent":
             return big, torch.nn.functional.interpolate(latents, size=(big[0] // f, big[1] // f), mode="bilinear")
         return big, [im.resize((big[1], big[0]), Image.LANCZOS) for im in self._decode(latents, "pil")]
 
-    def _decode(self, latents: torch.Tensor, output_type: str, keep=None):
+    def _decode(self, latents: torch.Tensor, output_type: str, keep=None, request: Optional[Request] = None):
         """z_0 (B, C, h, w) -> images: (x / scaling_factor) through the VAE decoder, then [-1, 1] -> [0, 1].
 
         ``keep`` = (mask, pixels): outside the mask the decoded image is replaced by ``pixels``.
         """
         decoded = vae_decode(self.vae, latents, self.vae_options)  # (B, 3, H, W) in [-1, 1]
+        if request is not None:
+            self._check_finite(decoded, request, "the decoded pixels")
         if keep is not None:
             mask, known = keep
             decoded = mask * decoded + (1 - mask) * known

@@ -110,7 +110,38 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise InvalidInputError(f"the recipe in {path} is not valid JSON; the file was edited or damaged") from None
     if not isinstance(recipe, dict) or "prompt" not in recipe or "seed" not in recipe:
         raise InvalidInputError(f"the recipe in {path} lacks a prompt or seed; the file was edited or damaged")
+    _check_recipe_fields(recipe, path)
     return recipe
+
+
+def _check_recipe_fields(recipe: dict[str, Any], path) -> None:
+    """The parts of a recipe that are not call arguments (those are checked as any call's are):
+    the model, the LoRAs, the dtype, the batch size. A wrong type means an edited or damaged file."""
+    from ..checks import whole_number
+
+    def bad(what: str):
+        return InvalidInputError(f"the recipe in {path} has {what}; the file was edited or damaged")
+
+    model = recipe.get("model")
+    if model is not None:
+        if not isinstance(model, dict):
+            raise bad(f"a model entry that is not an object ({model!r})")
+        for key in ("path", "preset", "variant"):
+            if model.get(key) is not None and not isinstance(model[key], str):
+                raise bad(f"a model {key} that is not text ({model[key]!r})")
+    if recipe.get("dtype") is not None and not isinstance(recipe["dtype"], str):
+        raise bad(f"a dtype that is not text ({recipe['dtype']!r})")
+    if recipe.get("batch_size") is not None and whole_number(recipe["batch_size"]) is None:
+        raise bad(f"a batch_size that is not a whole number ({recipe['batch_size']!r})")
+    loras = recipe.get("loras")
+    if loras is not None:
+        ok = isinstance(loras, list) and all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("name", ""), str)
+            and isinstance(e.get("scale", 1.0), (int, float)) and not isinstance(e.get("scale", 1.0), bool)
+            for e in loras
+        )  # fmt: skip
+        if not ok:
+            raise bad("a loras entry that is not a list of {name, path, scale} objects")
 
 
 def call_kwargs(params: dict[str, Any]) -> dict[str, Any]:

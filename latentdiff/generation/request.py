@@ -4,7 +4,9 @@
 form the steps of the call use (one prompt list, one seed per image, the size, the scheduler's
 name and class, the loaded input pictures), or raises the ``InvalidInputError`` that says what to
 change; it also gives the warnings a doubtful argument deserves. Nothing in the steps that follow
-checks an argument again.
+checks an argument again. Its first half, :func:`check_arguments`, needs no weights: the command
+line runs it before loading a model, so a bad argument fails in a second, not after the load.
+Every call is bounded by ``pipe.limits`` (``checks.Limits``).
 
 The rules for the arguments that a batch file's rows carry too (images per prompt, steps,
 guidance, width and height, scheduler, seed) are the functions below the class: ``batch`` applies
@@ -13,13 +15,13 @@ them to every row, under the row's column names, before any model is loaded.
 
 from __future__ import annotations
 
+import functools
 import secrets
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..checks import MAX_SEED, check_float, check_size, positive_int, whole_number
+from ..checks import MAX_SEED, Limits, check_float, check_size, check_text, positive_int, whole_number
 from ..errors import InvalidInputError
 from .images import load_inputs
 from .samplers import check_sampler_name, fresh_scheduler
@@ -61,7 +63,7 @@ class Request:
     hires_upscale: Optional[str]
     output_type: str
     callback: Optional[Callable]
-    progress: bool
+    progress: Optional[bool]  # None: tqdm's own default (a bar, unless TQDM_DISABLE=1)
 
     @property
     def total(self) -> int:
@@ -80,103 +82,36 @@ class Request:
         return [inputs[i // self.n if len(inputs) > 1 else 0] for i in range(self.total)]
 
     @classmethod
-    def resolve(
-        cls, pipe, *, prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale,
-        guidance_rescale, height, width, seed, scheduler, eta, output_type, callback, progress, clip_skip,
-        prompt_embeds, negative_prompt_embeds, image, strength, mask_image, hires_scale, hires_strength,
-        hires_upscale,
-    ) -> "Request":  # fmt: skip
+    def resolve(cls, pipe, **arguments) -> "Request":
         """Check the arguments of ``pipe(...)`` (same names, same meaning) and complete them.
 
         Raises ``InvalidInputError`` with what to change; warns where an argument has no effect.
-        The scheduler is built and its timesteps set once here, so that a step count it cannot run
-        fails before any work is done.
+        First the checks that need no weights (:func:`check_arguments`, which the CLI also runs
+        before loading a model), then those that need the model's parts. The scheduler is built
+        and its timesteps set once here, so that a step count it cannot run fails before any work.
         """
-        # prompts and negative prompts: one of each per prompt
-        if (prompt is None) == (prompt_embeds is None):
-            raise InvalidInputError("give prompt or prompt_embeds (one of the two)")
+        a = check_arguments(arguments, pipe.limits, factor=pipe.vae_scale_factor, default_size=pipe.default_size)
+        prompt_embeds, negative_prompt_embeds = arguments.get("prompt_embeds"), arguments.get("negative_prompt_embeds")
         if prompt_embeds is not None:
-            prompts = [None] * _check_embeds(prompt_embeds, "prompt_embeds", pipe.text_encoder).shape[0]
-        else:
-            prompts = _as_prompt_list(prompt, "prompt")
+            _check_embeds(prompt_embeds, "prompt_embeds", pipe.text_encoder)
         if negative_prompt_embeds is not None:
-            if negative_prompt is not None or prompt_embeds is None:
-                raise InvalidInputError("negative_prompt_embeds goes with prompt_embeds, and replaces negative_prompt")
-            if _check_embeds(negative_prompt_embeds, "negative_prompt_embeds", pipe.text_encoder).shape != prompt_embeds.shape:
-                raise InvalidInputError(
-                    f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)}, prompt_embeds "
-                    f"{tuple(prompt_embeds.shape)}; they must match"
-                )
-            negatives = [None] * len(prompts)
-        elif negative_prompt is None or isinstance(negative_prompt, str):  # one for all prompts
-            negatives = [negative_prompt or ""] * len(prompts)
-        else:
-            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
-        if len(negatives) != len(prompts):
-            raise InvalidInputError(
-                f"got {len(prompts)} prompts but {len(negatives)} negative prompts; give one negative "
-                "prompt per prompt, or a single string for all"
-            )
-        n = check_count(num_images_per_prompt)
-        steps = check_steps(num_inference_steps)
-
-        # input pictures: image-to-image, inpainting
-        images, image_names = load_inputs(image, len(prompts))
-        masks, mask_names = load_inputs(mask_image, len(prompts), what="mask_image")
-        if masks is not None:
-            import numpy as np
-
-            if any(np.asarray(m.convert("L")).max() < 128 for m in masks):
-                warnings.warn("a mask_image has no white at all, so nothing is repainted", stacklevel=_CALLER - 1)
-        if masks is not None and images is None:
-            raise InvalidInputError("mask_image needs image= (the picture to inpaint)")
+            _check_embeds(negative_prompt_embeds, "negative_prompt_embeds", pipe.text_encoder)
+        images, masks, strength, hires_scale = a["images"], a["masks"], a["strength"], a["hires_scale"]
         if masks is None and pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
             raise InvalidInputError(
                 f"this U-Net takes {pipe.unet.config.in_channels} input channels (an inpainting model); "
                 "give image= and mask_image="
             )
-        if masks is not None and strength is None:
-            strength = 1.0
-        if images is None and strength is not None:
-            raise InvalidInputError("strength applies to image-to-image only; give image= too, or drop strength")
-        f = pipe.vae_scale_factor
-        if images is not None:
-            strength = check_float(0.6 if strength is None else strength, "strength", 0.0, 1.0,
-                                   "0 keeps the image, 1 replaces it")  # fmt: skip
-            height = images[0].height // f * f if height is None else height
-            width = images[0].width // f * f if width is None else width
-
-        # resolution enhancement
-        if hires_scale is None and (hires_strength is not None or hires_upscale is not None):
-            raise InvalidInputError("hires_strength and hires_upscale need hires_scale (the upscale factor)")
-        if hires_scale is not None:
-            if masks is not None:
-                raise InvalidInputError("hires does not combine with inpainting yet; inpaint first, then upscale the result")
-            hires_scale = check_float(hires_scale, "hires_scale", 1.0, 8.0, "2 doubles the width and height")
-            hires_strength = check_float(0.5 if hires_strength is None else hires_strength, "hires_strength", 0.0, 1.0,
-                                         "0.5 is usual")  # fmt: skip
-            hires_upscale = "latent" if hires_upscale is None else hires_upscale
-            if hires_upscale not in HIRES_UPSCALERS:
-                raise InvalidInputError(f"hires_upscale must be one of {', '.join(HIRES_UPSCALERS)}, got {hires_upscale!r}")
-
-        # size, guidance, output, model
-        height = check_side(pipe.default_size if height is None else height, "height", f)
-        width = check_side(pipe.default_size if width is None else width, "width", f)
-        guidance_scale = check_guidance(guidance_scale)
-        guidance_rescale = check_float(guidance_rescale, "guidance_rescale", 0.0, 1.0, "0.7 is usual for v-prediction")
-        eta = check_float(eta, "eta", 0.0, None, "eta is DDIM's noise level, 0 = deterministic")
-        if output_type not in OUTPUT_TYPES:
-            raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if pipe.unet.config.time_cond_proj_dim is not None:
             raise InvalidInputError(
                 "this U-Net takes a guidance embedding (an LCM-distilled model); latentdiff does not run such "
                 "models yet: use a standard SD 1.x / 2.x U-Net"
             )
 
-        # seeds and scheduler
-        seeds = expand_seeds(seed, len(prompts) * n)
+        # scheduler
         from .sampling import step_kwargs
 
+        scheduler, steps, eta = a["scheduler"], a["steps"], a["eta"]
         sched = fresh_scheduler(pipe, scheduler)
         sched_name = scheduler or type(sched).__name__
         if eta > 0 and "eta" not in step_kwargs(sched, [], eta):
@@ -189,25 +124,197 @@ class Request:
                 "dpmpp_2m or unipc start exactly",
                 stacklevel=_CALLER,
             )
-        if guidance_scale <= 1.0 and (any(negatives) or negative_prompt_embeds is not None):
+        if a["guidance_scale"] <= 1.0 and (any(a["negatives"]) or negative_prompt_embeds is not None):
             warnings.warn("negative_prompt has no effect when guidance_scale <= 1 (no unconditional pass)", stacklevel=_CALLER)
+        _warn_far_from_native(pipe, a["height"], a["width"])
         try:
             sched.set_timesteps(steps, device=pipe.device)
         except ValueError as e:  # e.g. more steps than the schedule has timesteps
             raise InvalidInputError(f"scheduler {sched_name} cannot run {steps} steps: {e}") from None
+        _check_timesteps(sched, sched_name, steps)
 
         request = cls(
-            prompts=prompts, negatives=negatives, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, n=n, seeds=seeds, steps=steps,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, height=height, width=width,
-            scheduler=scheduler, scheduler_class=type(sched).__name__, clip_skip=clip_skip, images=images,
-            image_names=image_names, masks=masks, mask_names=mask_names, strength=strength,
-            hires_scale=hires_scale, hires_strength=hires_strength, hires_upscale=hires_upscale,
-            output_type=output_type, callback=callback, progress=sys.stderr.isatty() if progress is None else progress,
+            prompts=a["prompts"], negatives=a["negatives"], prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, n=a["n"], seeds=a["seeds"], steps=steps,
+            guidance_scale=a["guidance_scale"], guidance_rescale=a["guidance_rescale"], eta=eta, height=a["height"],
+            width=a["width"], scheduler=scheduler, scheduler_class=type(sched).__name__, clip_skip=a["clip_skip"],
+            images=images, image_names=a["image_names"], masks=masks, mask_names=a["mask_names"], strength=strength,
+            hires_scale=hires_scale, hires_strength=a["hires_strength"], hires_upscale=a["hires_upscale"],
+            output_type=a["output_type"], callback=a["callback"], progress=a["progress"],
         )  # fmt: skip
         if masks is not None and any(m.size != im.size for m, im in zip(request.per_image(masks), request.per_image(images))):
             warnings.warn("mask_image and image differ in size; the mask is resized to the image", stacklevel=_CALLER)
         return request
+
+
+def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Optional[int] = None,
+                    default_size: Optional[int] = None) -> dict[str, Any]:  # fmt: skip
+    """The checks of a call that need no weights: types, ranges and ``limits``, input pictures read.
+
+    ``arguments`` are those of ``LatentDiffusion.__call__`` (missing ones take its defaults);
+    ``factor`` (the VAE's downscale factor) and ``default_size`` (the model's native side) come
+    from the model's config and may be None when unknown, which skips the checks that need them.
+    Returns the values completed: one prompt and negative per prompt, seeds, size, loaded inputs.
+    """
+    defaults = _call_defaults()
+    unknown = sorted(set(arguments) - set(defaults))
+    if unknown:
+        raise InvalidInputError(f"unknown argument {unknown[0]!r}; the pipeline takes: {', '.join(defaults)}")
+    a = {**defaults, **arguments}
+    prompt, prompt_embeds = a["prompt"], a["prompt_embeds"]
+    callback = a["callback"]
+    if callback is not None and not callable(callback):
+        raise InvalidInputError(f"callback must be a function callback(step, timestep, latents) or None, got {callback!r}")
+    if a["progress"] is not None and not isinstance(a["progress"], bool):
+        raise InvalidInputError(f"progress must be True, False or None (a bar where tqdm shows one), got {a['progress']!r}")
+    if a["output_type"] not in OUTPUT_TYPES:
+        raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {a['output_type']!r}")
+
+    # prompts and negative prompts: one of each per prompt
+    if (prompt is None) == (prompt_embeds is None):
+        raise InvalidInputError("give prompt or prompt_embeds (one of the two)")
+    if prompt_embeds is not None:
+        prompts = [None] * _check_embeds(prompt_embeds, "prompt_embeds").shape[0]
+    else:
+        prompts = _as_prompt_list(prompt, "prompt", limits)
+    negative_prompt, negative_prompt_embeds = a["negative_prompt"], a["negative_prompt_embeds"]
+    if negative_prompt_embeds is not None:
+        if negative_prompt is not None or prompt_embeds is None:
+            raise InvalidInputError("negative_prompt_embeds goes with prompt_embeds, and replaces negative_prompt")
+        if _check_embeds(negative_prompt_embeds, "negative_prompt_embeds").shape != prompt_embeds.shape:
+            raise InvalidInputError(
+                f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)}, prompt_embeds "
+                f"{tuple(prompt_embeds.shape)}; they must match"
+            )
+        negatives = [None] * len(prompts)
+    elif negative_prompt is None or isinstance(negative_prompt, str):  # one for all prompts
+        negatives = [_as_prompt_list(negative_prompt or "", "negative_prompt", limits)[0]] * len(prompts)
+    else:
+        negatives = _as_prompt_list(negative_prompt, "negative_prompt", limits)
+    if len(negatives) != len(prompts):
+        raise InvalidInputError(
+            f"got {len(prompts)} prompts but {len(negatives)} negative prompts; give one negative "
+            "prompt per prompt, or a single string for all"
+        )
+    n = check_count(a["num_images_per_prompt"])
+    if len(prompts) * n > limits.images:
+        raise limits.exceeded("images", f"{len(prompts)} prompts x {n} images per prompt = {len(prompts) * n} images in one call",
+                              "make them in several calls, or use latentdiff batch")  # fmt: skip
+    steps = check_steps(a["num_inference_steps"], limits=limits)
+    clip_skip = a["clip_skip"]
+    if whole_number(clip_skip) is None or clip_skip < 0:
+        raise InvalidInputError(f"clip_skip must be a whole number of at least 0, got {clip_skip!r}")
+
+    # input pictures: image-to-image, inpainting
+    images, image_names = load_inputs(a["image"], len(prompts), max_pixels=limits.input_pixels)
+    masks, mask_names = load_inputs(a["mask_image"], len(prompts), what="mask_image", max_pixels=limits.input_pixels)
+    if masks is not None:
+        import numpy as np
+
+        if any(np.asarray(m.convert("L")).max() < 128 for m in masks):
+            warnings.warn("a mask_image has no white at all, so nothing is repainted", stacklevel=_CALLER + 1)
+    if masks is not None and images is None:
+        raise InvalidInputError("mask_image needs image= (the picture to inpaint)")
+    strength = a["strength"]
+    if masks is not None and strength is None:
+        strength = 1.0
+    if images is None and strength is not None:
+        raise InvalidInputError("strength applies to image-to-image only; give image= too, or drop strength")
+    height, width = a["height"], a["width"]
+    from_input = images is not None and (height is None or width is None)
+    if images is not None:
+        strength = check_float(0.6 if strength is None else strength, "strength", 0.0, 1.0,
+                               "0 keeps the image, 1 replaces it")  # fmt: skip
+        if factor is not None:
+            height = images[0].height // factor * factor if height is None else height
+            width = images[0].width // factor * factor if width is None else width
+
+    # resolution enhancement
+    hires_scale, hires_strength, hires_upscale = a["hires_scale"], a["hires_strength"], a["hires_upscale"]
+    if hires_scale is None and (hires_strength is not None or hires_upscale is not None):
+        raise InvalidInputError("hires_strength and hires_upscale need hires_scale (the upscale factor)")
+    if hires_scale is not None:
+        if masks is not None:
+            raise InvalidInputError("hires does not combine with inpainting yet; inpaint first, then upscale the result")
+        hires_scale = check_float(hires_scale, "hires_scale", 1.0, 8.0, "2 doubles the width and height")
+        hires_strength = check_float(0.5 if hires_strength is None else hires_strength, "hires_strength", 0.0, 1.0,
+                                     "0.5 is usual")  # fmt: skip
+        hires_upscale = "latent" if hires_upscale is None else hires_upscale
+        if hires_upscale not in HIRES_UPSCALERS:
+            raise InvalidInputError(f"hires_upscale must be one of {', '.join(HIRES_UPSCALERS)}, got {hires_upscale!r}")
+
+    # size: a multiple of the VAE's factor, and not more pixels than the limit (also after hires)
+    height = default_size if height is None else height
+    width = default_size if width is None else width
+    if height is not None:
+        height = check_side(height, "height", factor or 1)
+    if width is not None:
+        width = check_side(width, "width", factor or 1)
+    if height is not None and width is not None:
+        final = (height, width) if hires_scale is None else hires_size((height, width), hires_scale, factor or 1)
+        if final[0] * final[1] > limits.pixels:
+            what = f"{'the hires result ' if hires_scale is not None else ''}{final[1]}x{final[0]} ({final[0] * final[1]:,} pixels)"
+            hint = ("the output takes the input image's size unless height and width (--size) are given"
+                    if from_input else "make it smaller and enlarge it with an upscaler")  # fmt: skip
+            raise limits.exceeded("pixels", what, hint)
+
+    # guidance, noise
+    guidance_scale = check_guidance(a["guidance_scale"])
+    guidance_rescale = check_float(a["guidance_rescale"], "guidance_rescale", 0.0, 1.0, "0.7 is usual for v-prediction")
+    eta = check_float(a["eta"], "eta", 0.0, 1.0, "eta is DDIM's noise level: 0 = deterministic, 1 = DDPM's")
+    scheduler = a["scheduler"]
+    if scheduler is not None:
+        if not isinstance(scheduler, str):
+            raise InvalidInputError(f"scheduler must be a name such as 'ddim', got {scheduler!r}")
+        check_scheduler(scheduler)
+    seeds = expand_seeds(a["seed"], len(prompts) * n)
+    progress = a["progress"]
+    return {
+        "prompts": prompts, "negatives": negatives, "n": n, "seeds": seeds, "steps": steps, "clip_skip": clip_skip,
+        "images": images, "image_names": image_names, "masks": masks, "mask_names": mask_names, "strength": strength,
+        "hires_scale": hires_scale, "hires_strength": hires_strength, "hires_upscale": hires_upscale,
+        "height": height, "width": width, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
+        "eta": eta, "scheduler": scheduler, "output_type": a["output_type"], "callback": callback, "progress": progress,
+    }  # fmt: skip
+
+
+def _check_timesteps(sched, name: str, steps: int) -> None:
+    """Refuse a schedule that some schedulers build without complaint but cannot run: PNDM spaces its
+    steps num_train_timesteps // steps apart, so at 1000 steps one leaves the table (an IndexError
+    later) and beyond it every step is the same timestep (garbage)."""
+    trained = int(getattr(sched.config, "num_train_timesteps", 1000))
+    t = sched.timesteps.detach().cpu().double()
+    distinct = len(set(t.tolist()))
+    collapsed = type(sched).__name__ == "PNDMScheduler" and distinct < steps - 1  # (sigma samplers may repeat)
+    if len(t) and (t.max() >= trained or t.min() < 0 or collapsed):
+        raise InvalidInputError(
+            f"scheduler {name} cannot run {steps} steps on a model trained with {trained} timesteps "
+            f"(its schedule would repeat or leave them); use fewer steps, e.g. {min(steps // 2, trained // 2)}"
+        )
+
+
+def hires_size(size: tuple[int, int], factor_of_size: float, multiple: int) -> tuple[int, int]:
+    """The (height, width) a hires pass makes from ``size``: scaled and rounded to the VAE's multiple."""
+    return tuple(round(side * factor_of_size / multiple) * multiple for side in size)
+
+
+# Far from the native size a U-Net repeats its content (tiles) or loses it: warned once per pipeline and size.
+_FAR = 2.0
+
+
+def _warn_far_from_native(pipe, height: int, width: int) -> None:
+    native = pipe.default_size
+    if max(height, width) < _FAR * native and min(height, width) >= native / _FAR:
+        return
+    seen = pipe.__dict__.setdefault("_warned_sizes", set())
+    if (height, width) in seen:
+        return
+    seen.add((height, width))
+    warnings.warn(
+        f"{width}x{height} is far from this model's native {native}x{native}: expect repeated, tiled or "
+        f"broken-up content; make the image near {native}x{native} and enlarge it (hires_scale, --hires)",
+        stacklevel=_CALLER + 1,
+    )
 
 
 # -- the rules for single arguments (batch files check their rows with them) ------------------------
@@ -217,12 +324,20 @@ def check_count(value, name: str = "num_images_per_prompt") -> int:
     return positive_int(value, name)
 
 
-def check_steps(value, name: str = "num_inference_steps") -> int:
-    return positive_int(value, name)
+def check_steps(value, name: str = "num_inference_steps", limits: Optional[Limits] = None) -> int:
+    steps = positive_int(value, name)
+    limits = limits or Limits()
+    if steps > limits.steps:
+        raise limits.exceeded("steps", f"{name} {steps}", "50 is usual, few samplers gain beyond 150")
+    return steps
+
+
+# Guidance far above ~30 only saturates the image; by 1e30 the arithmetic overflows to NaN.
+MAX_GUIDANCE = 100.0
 
 
 def check_guidance(value, name: str = "guidance_scale") -> float:
-    return check_float(value, name, 0.0, None, "use 1 for no guidance, 7.5 is usual")
+    return check_float(value, name, 0.0, MAX_GUIDANCE, "use 1 for no guidance, 7.5 is usual")
 
 
 def check_side(value, name: str, multiple: int) -> int:
@@ -258,23 +373,47 @@ def expand_seeds(seed, total: int) -> list[int]:
     return seeds
 
 
-def _check_embeds(embeds, name: str, text_encoder):
+def _check_embeds(embeds, name: str, text_encoder=None):
     import torch
 
     if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] < 1:
         raise InvalidInputError(f"{name} must be a (batch, tokens, dim) tensor")
-    if embeds.shape[-1] != text_encoder.config.hidden_size:
+    if not bool(torch.isfinite(embeds).all()):
+        raise InvalidInputError(f"{name} holds NaN or infinite values")
+    if text_encoder is not None and embeds.shape[-1] != text_encoder.config.hidden_size:
         raise InvalidInputError(
             f"{name} has dimension {embeds.shape[-1]}, this model's text encoder {text_encoder.config.hidden_size}"
         )
     return embeds
 
 
-def _as_prompt_list(value, name: str) -> list[str]:
+def _as_prompt_list(value, name: str, limits: Limits) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
         raise InvalidInputError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
     if not items:
         raise InvalidInputError(f"{name} is an empty list; give at least one prompt (\"\" is an unconditional image)")
+    for text in items:
+        check_prompt_text(text, name, limits)
     return list(items)
+
+
+def check_prompt_text(text, name: str, limits: Limits) -> str:
+    """A prompt: valid text, and not longer than ``limits.prompt_chars`` (batch rows are read with it too)."""
+    check_text(text, name)
+    if len(text) > limits.prompt_chars:
+        raise limits.exceeded("prompt_chars", f"a {name} of {len(text):,} characters",
+                              "prompts are encoded in chunks of 75 tokens, a few hundred characters each")  # fmt: skip
+    return text
+
+
+@functools.lru_cache(maxsize=1)
+def _call_defaults() -> dict[str, Any]:
+    """The arguments of ``LatentDiffusion.__call__`` with their defaults (read from its signature)."""
+    import inspect
+
+    from .pipeline import LatentDiffusion
+
+    parameters = list(inspect.signature(LatentDiffusion.__call__).parameters.values())[1:]  # without self
+    return {p.name: p.default for p in parameters}
 

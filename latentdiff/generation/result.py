@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import InvalidInputError
+from ..fileio import remove_stale
 from .recipe import save_png
 
 _NUMBERED = re.compile(r"^(\d{4,})-\d+\.png$")  # NNNN-SEED.png
@@ -52,13 +53,15 @@ class GenerationResult:
 
 
 def prepare_output(target: Union[str, Path]) -> Path:
-    """Check an output target (``FILE.png`` or a folder) and create the folder it needs.
+    """Check an output target (``FILE.png`` or a folder) and create the folder it needs; remove the
+    hidden temporary PNGs that runs killed between writing and renaming left there.
 
     Called before generating, so a bad target fails in a second, not after the images are made.
     """
     target = Path(target)
     if target.suffix.lower() == ".png":
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(target.parent, ".png")  # what a run killed mid-write left
         return target
     if target.suffix and not target.is_dir():
         raise InvalidInputError(
@@ -66,4 +69,5 @@ def prepare_output(target: Union[str, Path]) -> Path:
             "give a .png file name or a folder"
         )
     target.mkdir(parents=True, exist_ok=True)
+    remove_stale(target, ".png")
     return target

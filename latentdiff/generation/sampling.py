@@ -85,7 +85,7 @@ def denoise(
     generators: list[torch.Generator],
     eta: float = 0.0,
     callback: Optional[StepCallback] = None,
-    progress: bool = False,
+    progress: Optional[bool] = False,
     timesteps: Optional[torch.Tensor] = None,
     inpaint: Optional[Inpaint] = None,
 ) -> torch.Tensor:
@@ -110,7 +110,9 @@ def denoise(
     host_timesteps = timesteps.cpu()
     device_timesteps = timesteps.to(latents.device)
     _set_begin_index(scheduler, host_timesteps)
-    loop = tqdm(range(len(host_timesteps)), desc="denoising", unit="step", disable=not progress, leave=False)
+    # progress None: tqdm's own default (shown; TQDM_DISABLE=1 hides every bar), as tqdm users expect
+    shown = {} if progress is None else {"disable": not progress}
+    loop = tqdm(range(len(host_timesteps)), desc="denoising", unit="step", leave=False, **shown)
     for i in loop:
         t, t_host = device_timesteps[i], host_timesteps[i]
         model_in = latents if uncond is None else torch.cat([latents, latents])

@@ -287,8 +287,15 @@ def build_components(
 
 def downscale_factor(module) -> int:
     """How much a VAE (or U-Net) shrinks an image's side: each level of ``block_out_channels`` but
-    the last halves it (8 for Stable Diffusion's VAE)."""
-    return 2 ** (len(module.config.block_out_channels) - 1)
+    the last halves it (8 for Stable Diffusion's VAE). ``module`` may also be a config dict."""
+    config = module if isinstance(module, dict) else module.config
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def size_rules(vae_config: dict, unet_config: dict) -> tuple[int, int]:
+    """(pixels per latent cell, native side in pixels) of a model, from its VAE and U-Net configs."""
+    factor = downscale_factor(vae_config)
+    return factor, int(unet_config["sample_size"]) * factor
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:

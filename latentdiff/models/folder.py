@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InvalidInputError, MissingFileError
-from ..fileio import atomic_dir, atomic_write
+from ..fileio import atomic_dir, atomic_write, recover_dir
 from ..generation.samplers import scheduler_from_config
 
 # part -> (config file, accepted weight files: any one of them)
@@ -57,6 +57,8 @@ def check_folder(path: str | Path, variant: Optional[str] = None) -> Path:
     """Check that ``path`` is a complete model folder; return it as a Path."""
     root = Path(path)
     if not root.exists():
+        recover_dir(root)  # a save that was killed between its renames: finish it
+    if not root.exists():
         raise MissingFileError(
             f"model folder {root} does not exist; give a diffusers-format folder "
             "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or use --preset"
@@ -76,6 +78,20 @@ def check_folder(path: str | Path, variant: Optional[str] = None) -> Path:
                 raise MissingFileError(f"model folder is missing {root / 'tokenizer' / name}; {_FIX}")
     _read_json(root / "scheduler" / _SCHEDULER_FILE)
     return root
+
+
+def read_size_rules(path: str | Path) -> Optional[tuple[int, int]]:
+    """(pixels per latent cell, native side) of a model folder from its configs alone, without loading
+    weights (None if they cannot be read): lets a command check sizes before a long load."""
+    from .architectures import size_rules
+
+    root = Path(path)
+    try:
+        vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
+        unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+        return size_rules(vae, unet)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _weights_file(root: Path, part: str, variant: Optional[str]) -> Path:
@@ -159,7 +175,26 @@ def save_folder(path: str | Path, *, unet, vae, text_encoder, tokenizer, schedul
         # scheduler's config would turn its defaults into explicit keys.
         with atomic_write(tmp / "scheduler" / _SCHEDULER_FILE, "w") as f:
             json.dump(scheduler_config, f, indent=2, sort_keys=True)
+        _load_as_float32(tmp / "text_encoder" / "config.json")
     return Path(path)
+
+
+def _load_as_float32(config_file: Path) -> None:
+    """Make the text encoder load in float32 by default, whatever dtype its weights are stored in.
+
+    transformers 5 loads a model in the dtype its config.json records (``dtype``; ``torch_dtype``
+    before), while diffusers loads the U-Net and VAE in float32 unless told otherwise. A folder
+    saved in float16 (small on disk) thus loaded, with diffusers' default arguments, as a float16
+    text encoder feeding a float32 U-Net: "Half and Float" on the first call. Recording float32
+    keeps the half-precision files and makes every part load alike; ``torch_dtype=`` still chooses.
+    """
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    with atomic_write(config_file, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _first_line(e: BaseException) -> str:

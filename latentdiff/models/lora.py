@@ -9,7 +9,16 @@ layer computes W x + scale * (alpha / r) * B (A x). Two layouts are read:
   ``.`` (diffusers' names, or the original layout's ``input_blocks_4_1_...``);
 - peft / diffusers: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.`` for the
   text encoder; without a prefix, what ``peft.get_peft_model_state_dict`` returns), alpha from
-  the ``lora_adapter_metadata`` entry where diffusers wrote one, else alpha = r.
+  the ``lora_adapter_metadata`` entry where diffusers wrote one, else alpha = r;
+- the older diffusers layouts, before peft: attention processors
+  (``<attention>.processor.to_q_lora.down.weight``, ``to_out_lora`` for ``to_out.0``; in the text
+  encoder ``q_proj`` ... ``out_proj``), ``<path>.lora_linear_layer.down.weight`` and
+  ``<path>.lora.down.weight``, alpha = r.
+
+Text-encoder paths are accepted with and without CLIPTextModel's ``text_model.`` level: files
+written under transformers 4.x have it (most LoRAs on the hub), transformers 5 dropped it.
+:func:`save_lora` writes the kohya layout, or with ``layout="peft"`` the diffusers one that
+diffusers' ``load_lora_weights`` reads.
 
 Adapters are applied with forward hooks, so the weights (and the weight hash) stay untouched
 until :meth:`LoraSet.fuse` adds the deltas in place; :meth:`LoraSet.unload` restores the exact
@@ -38,6 +47,12 @@ from .safe_load import read_tensor_file, write_tensor_file
 
 _KOHYA = re.compile(r"^(lora_unet_|lora_te_|lora_te\d_)(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(.+?)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$")
+# diffusers before peft: attention processors (to_q_lora ...) and LoRA-compatible layers
+_OLD_PROCESSOR = re.compile(r"^(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_LAYER = re.compile(r"^(.+?)\.(?:lora_linear_layer|lora)\.(down|up)\.weight$")
+# the processor's projection -> the module: (U-Net, CLIP text encoder)
+_OLD_NAMES = {"to_q": ("to_q", "q_proj"), "to_k": ("to_k", "k_proj"), "to_v": ("to_v", "v_proj"),
+              "to_out": ("to_out.0", "out_proj")}  # fmt: skip
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "conv_norm_out")
 _TE_ROOTS = ("text_model.", "encoder.layers.", "embeddings.", "final_layer_norm")
 
@@ -108,7 +123,7 @@ class LoraSet:
                 "this pipeline's attention projections are fused (optimize() / --fast); load LoRAs before optimizing"
             )
         tensors, metadata = read_tensor_file(path)
-        pairs, unreadable = _read_pairs(tensors, metadata)
+        pairs, unreadable = _read_pairs(tensors, metadata, path)
         modules = {"unet": _targets(pipe.unet, "unet"), "text_encoder": _targets(pipe.text_encoder, "text_encoder")}
         layers: dict[torch.nn.Module, tuple] = {}
         counts = {"unet": 0, "text_encoder": 0}
@@ -127,9 +142,16 @@ class LoraSet:
             applied += len(pair.keys)
         report = LoraReport(name, str(path), file_sha256(path), scale, applied, sorted(unmatched), counts)
         if not layers:
+            example = f"{len(tensors)} keys, e.g. {next(iter(tensors), '-')}"
+            if not pairs:
+                raise InvalidInputError(
+                    f"LoRA {path} is in no layout latentdiff reads ({example}): not a LoRA file, or another kind "
+                    "of adapter (LyCORIS LoHa / LoKr, a full checkpoint); LoRAs in the kohya, peft / diffusers "
+                    "and older diffusers layouts are read"
+                )
             raise InvalidInputError(
-                f"LoRA {path} matched nothing in this model ({len(tensors)} keys, e.g. {next(iter(tensors), '-')}): "
-                "it was made for another architecture (SDXL, another base model) or is not a LoRA file"
+                f"LoRA {path} matched nothing in this model ({example}): it was made for another architecture "
+                "(SDXL, another base model)"
             )
         self.adapters[name] = _Adapter(report, layers)
         for module in layers:
@@ -221,8 +243,12 @@ class LoraSet:
 # -- reading files ---------------------------------------------------------------------------------
 
 
-def _read_pairs(tensors: dict[str, Any], metadata: dict[str, str]) -> tuple[list[_Pair], list[str]]:
-    """Group a LoRA file's keys by layer; keys of no known form come back as unreadable."""
+def _read_pairs(tensors: dict[str, Any], metadata: dict[str, str], path) -> tuple[list[_Pair], list[str]]:
+    """Group a LoRA file's keys by layer; keys of no known form come back as unreadable.
+
+    A non-finite value or an alpha that is not one number is an error naming the key: such a file
+    is damaged, and applying it would give NaN images.
+    """
     pairs: dict[str, _Pair] = {}
     unreadable = []
     alphas = _peft_alphas(metadata)
@@ -230,30 +256,46 @@ def _read_pairs(tensors: dict[str, Any], metadata: dict[str, str]) -> tuple[list
         if not isinstance(value, torch.Tensor):
             unreadable.append(key)
             continue
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InvalidInputError(f"LoRA {path}: {key} holds NaN or infinite values; the file is damaged, "
+                                    "get or train it again")  # fmt: skip
         if m := _KOHYA.match(key):
             prefix, stem, what = m.groups()
             part = {"lora_unet_": "unet", "lora_te_": "text_encoder"}.get(prefix, "")  # lora_te1_/te2_: SDXL
             pair = pairs.setdefault(prefix + stem, _Pair(part, prefix + stem))
             if what == "alpha":
+                if value.numel() != 1:
+                    raise InvalidInputError(f"LoRA {path}: {key} holds {value.numel()} values; alpha is one number "
+                                            "per layer, so the file is damaged or not a LoRA")  # fmt: skip
                 pair.alpha = float(value.float().reshape(-1)[0])
             else:
                 setattr(pair, "down" if what.startswith("lora_down") else "up", value)
-        elif m := _PEFT.match(key):
-            path, what = m.groups()
-            path = path.removeprefix("base_model.model.")
-            part = ""
-            for prefix, p in (("unet.", "unet"), ("text_encoder.", "text_encoder")):
-                if path.startswith(prefix):
-                    path, part = path[len(prefix) :], p
-            if not part:
-                part = "unet" if path.startswith(_UNET_ROOTS) else "text_encoder" if path.startswith(_TE_ROOTS) else ""
-            pair = pairs.setdefault(f"{part}:{path}", _Pair(part, path, alpha=alphas.get(part)))
-            setattr(pair, "down" if what == "lora_A" else "up", value)
+        elif (m := _PEFT.match(key)) or (m := _OLD_PROCESSOR.match(key)) or (m := _OLD_LAYER.match(key)):
+            module, *rest = m.groups()
+            part, module = _part_of(module.removeprefix("base_model.model."))
+            if m.re is _OLD_PROCESSOR:
+                projection, what = rest
+                module = f"{module}.{_OLD_NAMES[projection][part == 'text_encoder']}"
+                down = what == "down"
+            else:
+                down = rest[-1] in ("lora_A", "down")
+            pair = pairs.setdefault(f"{part}:{module}", _Pair(part, module, alpha=alphas.get(part)))
+            setattr(pair, "down" if down else "up", value)
         else:
             unreadable.append(key)
             continue
         pair.keys.append(key)
     return list(pairs.values()), unreadable
+
+
+def _part_of(path: str) -> tuple[str, str]:
+    """("unet" | "text_encoder" | "", module path) from a diffusers-style key's module path."""
+    for prefix, part in (("unet.", "unet"), ("text_encoder.", "text_encoder")):
+        if path.startswith(prefix):
+            return part, path[len(prefix) :]
+    if path.startswith(_UNET_ROOTS):
+        return "unet", path
+    return ("text_encoder" if path.startswith(_TE_ROOTS) else ""), path
 
 
 def _peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
@@ -278,6 +320,8 @@ def _targets(model: torch.nn.Module, part: str) -> dict[str, torch.nn.Module]:
             continue
         short = path.removeprefix("text_model.")
         names[path] = names[short] = module
+        if part == "text_encoder":  # with and without CLIPTextModel's text_model level (transformers 4 / 5)
+            names["text_model." + short] = module
         if part == "unet":
             names["lora_unet_" + path.replace(".", "_")] = module
             try:  # the original layout's names, used by some web-UI trainers
@@ -339,55 +383,87 @@ def add_lora_adapter(module: torch.nn.Module, *, rank: int, alpha: float, target
 # -- writing (the trainer's output) ----------------------------------------------------------------
 
 
+LORA_LAYOUTS = ("kohya", "peft")
+
+
 def save_lora(path, *, unet_state=None, text_encoder_state=None, rank: int, alpha: float,
-              metadata: dict[str, str] | None = None) -> Path:  # fmt: skip
-    """Write a kohya-layout LoRA .safetensors atomically.
+              metadata: dict[str, str] | None = None, layout: str = "kohya") -> Path:  # fmt: skip
+    """Write a LoRA .safetensors atomically, in the kohya layout or (``layout="peft"``) diffusers'.
 
     ``unet_state`` / ``text_encoder_state``: what ``peft.get_peft_model_state_dict(model)`` returns
     for a diffusers ``UNet2DConditionModel`` / transformers ``CLIPTextModel`` with an adapter added by
     :func:`add_lora_adapter` (``rank``, ``alpha``): keys such as
     ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`` and
     ``text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`` (``text_model.`` may be absent).
-    Writes ``lora_unet_*`` / ``lora_te_*`` ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
-    and kohya's ``ss_*`` metadata, plus ``metadata``, so web UIs and :meth:`LatentDiffusion.load_lora`
-    read it.
+
+    - ``kohya``: ``lora_unet_*`` / ``lora_te_*`` ``.lora_down.weight`` / ``.lora_up.weight`` /
+      ``.alpha`` and kohya's ``ss_*`` metadata: what the web UIs, ComfyUI and kohya's scripts read.
+    - ``peft``: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` and
+      ``text_encoder.text_model.<module>...`` (the spelling most hub LoRAs use, which diffusers reads
+      with transformers 4 and 5), with rank, alpha and target modules in ``lora_adapter_metadata``,
+      as diffusers' ``save_lora_weights`` writes them: what ``pipe.load_lora_weights`` reads.
+
+    Both are read by :meth:`LatentDiffusion.load_lora`; ``metadata`` is added to the file's own.
     """
     if not unet_state and not text_encoder_state:
         raise InvalidInputError("save_lora needs unet_state and/or text_encoder_state (peft state dicts)")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise InvalidInputError(f"rank must be a whole number >= 1, got {rank!r}")
+    if layout not in LORA_LAYOUTS:
+        raise InvalidInputError(f"layout must be one of {', '.join(LORA_LAYOUTS)}, got {layout!r}")
     alpha = check_float(alpha, "alpha", 0.0, None, "kohya's default is alpha = rank")
     target = _safetensors(path)
     extra = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise InvalidInputError("save_lora metadata must map strings to strings")
     out: dict[str, torch.Tensor] = {}
-    for state, prefix in ((unet_state, "lora_unet_"), (text_encoder_state, "lora_te_")):
+    targets: dict[str, dict[str, int]] = {}  # part -> {module: rank}
+    for state, part in ((unet_state, "unet"), (text_encoder_state, "text_encoder")):
         for key, value in (state or {}).items():
             m = _PEFT.match(key)
             if m is None:
                 raise InvalidInputError(f"save_lora: {key!r} is not a peft LoRA key (…lora_A.weight / …lora_B.weight)")
-            module = m.group(1).removeprefix("base_model.model.").removeprefix("unet.").removeprefix("text_encoder.")
-            if prefix == "lora_te_":  # kohya names always include CLIPTextModel's text_model level
+            module = m.group(1).removeprefix("base_model.model.").removeprefix(f"{part}.")
+            if part == "text_encoder":  # both layouts name CLIPTextModel's text_model level
                 module = "text_model." + module.removeprefix("text_model.")
-            stem = prefix + module.replace(".", "_")
-            out[f"{stem}.{'lora_down' if m.group(2) == 'lora_A' else 'lora_up'}.weight"] = value.detach().float()
-            out[f"{stem}.alpha"] = torch.tensor(alpha)
-    info = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": f"{alpha:g}",
-        "ss_network_args": json.dumps({}),
-        "ss_training_comment": "written by latentdiff",
-        **extra,
-    }
+            weight = value.detach().float()
+            if layout == "kohya":
+                stem = ("lora_unet_" if part == "unet" else "lora_te_") + module.replace(".", "_")
+                out[f"{stem}.{'lora_down' if m.group(2) == 'lora_A' else 'lora_up'}.weight"] = weight
+                out[f"{stem}.alpha"] = torch.tensor(alpha)
+            else:
+                out[f"{part}.{module}.{m.group(2)}.weight"] = weight
+                if m.group(2) == "lora_A":  # peft matches a target by its end: without text_model. it fits both
+                    targets.setdefault(part, {})[module.removeprefix("text_model.")] = weight.shape[0]
+    if layout == "kohya":
+        info = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{alpha:g}",
+            "ss_network_args": json.dumps({}),
+            "ss_training_comment": "written by latentdiff",
+            **extra,
+        }
+    else:
+        adapter = {}
+        for part, ranks in targets.items():  # the ranks as the tensors have them (`rank` is kohya's metadata)
+            r = max(set(ranks.values()), key=list(ranks.values()).count)
+            adapter.update({f"{part}.r": r, f"{part}.lora_alpha": alpha, f"{part}.target_modules": sorted(ranks),
+                            f"{part}.rank_pattern": {k: v for k, v in ranks.items() if v != r}})  # fmt: skip
+        info = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, sort_keys=True), **extra}
     return write_tensor_file(target, out, info)
 
 
+# Scales used in practice lie within about +-2; far beyond, a LoRA's delta swamps the weights and
+# the arithmetic overflows (-1e308 gave NaN images).
+MAX_SCALE = 100.0
+
+
 def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or abs(scale) > MAX_SCALE:
         raise InvalidInputError(
-            f"LoRA scale must be a finite number (1.0 = the LoRA's full effect, 0 = none), got {scale!r}"
+            f"LoRA scale must be a finite number from -{MAX_SCALE:g} to {MAX_SCALE:g} (1.0 = the LoRA's full effect, "
+            f"0 = none), got {scale!r}"
         )
     return float(scale)
 

@@ -60,21 +60,39 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return tensors, metadata
 
 
-def _read_pickle(path: Path) -> dict[str, Any]:
+_TRUST = ("latentdiff loads pickles only as plain tensors; if you trust the file, convert it to .safetensors "
+          "elsewhere, or get a .safetensors release of the model")  # fmt: skip
+
+
+def load_pickle(path: Path, *, allow: tuple = (), mmap: bool = False, fix: str = "download or export it again",
+                code_fix: str = _TRUST, label: str = "") -> Any:  # fmt: skip
+    """A pickle read with ``torch.load(weights_only=True)``: tensors, numbers, strings, containers and
+    the globals in ``allow``, nothing that can run code. ``mmap`` leaves the tensor bytes on disk
+    (a check of a large file reads its structure only). A pickle that names anything else, or a
+    file that is not a readable torch pickle, is an ``InvalidInputError`` naming the file (as
+    ``label``, default its path); ``fix`` / ``code_fix`` say what to do about a damaged / a code-running one."""
+    label = label or str(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not mmap or "mmap" not in str(e):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file
     except pickle.UnpicklingError as e:
         # The restricted unpickler stops at the first global it does not allow, before calling it.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         what = f"it names {found.group(1)}" if found else _first_line(e)
-        raise InvalidInputError(
-            f"refused to load {path}: its pickle asks to run code ({what}). latentdiff loads "
-            "pickles only as plain tensors; if you trust the file, convert it to .safetensors elsewhere, "
-            "or get a .safetensors release of the model"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, not a torch file, ...
-        raise InvalidInputError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); it is truncated "
-                                "or damaged: download or export it again") from None  # fmt: skip
+        raise InvalidInputError(f"refused to load {label}: its pickle asks to run code ({what}); {code_fix}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file fails in many ways (KeyError for a text file)
+        raise InvalidInputError(f"{label} is not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)}); "
+                                f"it is truncated or damaged: {fix}") from None  # fmt: skip
+    return data
+
+
+def _read_pickle(path: Path) -> dict[str, Any]:
+    data = load_pickle(path)
     if not isinstance(data, dict):
         raise InvalidInputError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
     return data

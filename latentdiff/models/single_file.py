@@ -42,7 +42,7 @@ _IGNORED = [
                 r"|lvlb_weights|logvar)$"), "training noise-schedule buffers (the scheduler config has them)"),
     (re.compile(r"\.position_ids$"), "CLIP position ids (rebuilt by the model)"),
     (re.compile(r"^cond_stage_model\.model\.(logit_scale|text_projection)$"), "OpenCLIP contrastive head (unused)"),
-    (re.compile(r"^v_pred$"), "v-prediction marker"),
+    (re.compile(r"^(v_pred|ztsnr)$"), "v-prediction / zero-terminal-SNR markers"),
 ]  # fmt: skip
 _RESBLOCK = re.compile(r"^cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.")
 
@@ -288,7 +288,13 @@ def save_single_file(pipe, path: str | Path) -> Path:
         config["text_encoder"]["max_position_embeddings"] = pipe.text_encoder.config.max_position_embeddings
     metadata = {META_KEY: json.dumps(config, sort_keys=True)}
     if pipe.scheduler_config.get("prediction_type") == "v_prediction":
-        metadata["v_pred"] = "1"  # the marker other tools read
+        # Markers in the state dict, where ComfyUI looks (for SDXL-class files: "v_pred", and "ztsnr" for a
+        # zero-terminal-SNR schedule) and latentdiff reads them for any file. For SD 2.x files ComfyUI and
+        # A1111 look at no marker (a weight statistic, a test run of the U-Net): the README says what to set.
+        metadata["v_pred"] = "1"
+        tensors["v_pred"] = torch.tensor([])
+        if pipe.scheduler_config.get("rescale_betas_zero_snr"):
+            tensors["ztsnr"] = torch.tensor([])
     return write_tensor_file(path, tensors, metadata)
 
 

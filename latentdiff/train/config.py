@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import MAX_SEED
 from ..data.sources import DataConfig
 from ..errors import InvalidInputError
+from ..generation.samplers import check_sampler_name
 from ..tomlconfig import load_config
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -23,7 +25,7 @@ class ModelConfig:
     path: str = ""  # diffusers-format folder to start from; "" = random weights of `preset` (from scratch)
     preset: str = "tiny"  # architecture of a from-scratch run (see latentdiff.models.architectures.PRESETS)
     init_seed: int = 0  # seed of the random initial weights
-    vae_path: str = ""  # take the VAE from this folder (a diffusers model folder or a bare AutoencoderKL folder)
+    vae_path: str = ""  # take the VAE from this model folder or bare AutoencoderKL folder ("default": the default model's)
     train_unet: bool = True
     train_text_encoder: bool = False
     # From scratch only: entries that replace the preset's diffusers / transformers config entries,
@@ -41,6 +43,7 @@ class LoraSettings:
     dropout: float = 0.0
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    layout: str = "kohya"  # lora.safetensors layout: kohya (web UIs, ComfyUI) or peft (diffusers' load_lora_weights)
 
 
 @dataclass
@@ -161,11 +164,37 @@ def check_config(config: TrainConfig) -> None:
     need(config.model.train_unet or config.model.train_text_encoder or config.lora.enabled,
          "nothing to train: set model.train_unet or model.train_text_encoder, or lora.enabled")  # fmt: skip
     need(config.checkpoint.keep >= 1, "checkpoint.keep must be at least 1")
+    # ranges that torch or diffusers would otherwise refuse with a traceback, or take without a word
+    for key, value in [("optim.warmup_steps", opt.warmup_steps), ("checkpoint.every", config.checkpoint.every),
+                       ("validation.every", config.validation.every), ("data.num_workers", data.num_workers),
+                       ("data.max_samples", data.max_samples), ("vae.steps", config.vae.steps),
+                       ("vae.holdout", config.vae.holdout), ("vae.eval_every", config.vae.eval_every)]:  # fmt: skip
+        need(value >= 0, f"{key} must be 0 or more, got {value}")
+    need(0.0 <= opt.beta1 < 1.0, f"optim.beta1 must be in [0, 1), got {opt.beta1}; 0.9 is usual")
+    need(0.0 <= opt.beta2 < 1.0, f"optim.beta2 must be in [0, 1), got {opt.beta2}; 0.999 is usual")
+    need(opt.eps > 0, f"optim.eps must be positive, got {opt.eps}; 1e-8 is usual")
+    need(opt.weight_decay >= 0, f"optim.weight_decay must be 0 or more, got {opt.weight_decay}")
+    need(opt.text_encoder_lr >= 0, f"optim.text_encoder_lr must be 0 (= optim.lr) or positive, got {opt.text_encoder_lr}")
+    need(opt.max_grad_norm >= 0, f"optim.max_grad_norm must be 0 (no clipping) or positive, got {opt.max_grad_norm}")
+    need(obj.snr_gamma >= 0 and obj.noise_offset >= 0,
+         f"objective.snr_gamma and objective.noise_offset must be 0 or more, got {obj.snr_gamma} and {obj.noise_offset}")  # fmt: skip
+    need(config.vae.kl_weight >= 0, f"vae.kl_weight must be 0 or more, got {config.vae.kl_weight}")
+    lora = config.lora
+    need(lora.rank >= 1 and lora.alpha > 0, f"lora.rank must be at least 1 and lora.alpha positive, got {lora.rank}, {lora.alpha}")
+    need(0.0 <= lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    need(lora.layout in ("kohya", "peft"), f"lora.layout must be kohya or peft, got {lora.layout!r}")
+    val = config.validation
+    need(val.steps >= 1 and val.guidance >= 0,
+         f"validation.steps must be at least 1 and validation.guidance 0 or more, got {val.steps} and {val.guidance}")  # fmt: skip
+    need(all(0 <= seed <= MAX_SEED for seed in val.seeds), f"validation.seeds must be from 0 to 2**64-1, got {val.seeds}")
+    if val.prompts:
+        check_sampler_name(val.scheduler)
     need(not (config.model.path and (config.model.unet_config or config.model.vae_config or config.model.text_encoder_config)),
          "model.unet_config / vae_config / text_encoder_config change a from-scratch architecture; "
          "they cannot apply to a pretrained model.path")  # fmt: skip
     need(not (config.lora.enabled and not config.model.path),
          "lora.enabled needs a pretrained model (model.path): LoRA adapts existing weights")  # fmt: skip
-    if config.vae.steps:
-        need(config.vae.batch_size >= 1 and config.vae.lr > 0, "vae.batch_size and vae.lr must be positive")
-        need(0 <= config.vae.decay_steps <= config.vae.steps, "vae.decay_steps must be from 0 to vae.steps")
+    need(config.vae.batch_size >= 1 and config.vae.lr > 0,
+         f"vae.batch_size and vae.lr must be positive, got {config.vae.batch_size} and {config.vae.lr}")  # fmt: skip
+    need(0 <= config.vae.decay_steps <= config.vae.steps,
+         f"vae.decay_steps must be from 0 to vae.steps ({config.vae.steps}), got {config.vae.decay_steps}")  # fmt: skip

@@ -24,7 +24,7 @@ from . import checkpoints
 from .config import TrainConfig, check_config
 from .objective import diffusion_loss, draw_global, noise_scheduler_for, step_seed
 from .outputs import save_outputs, validate
-from .setup import Run, TrainResult, load_data, load_model, load_vae, setup, start
+from .setup import Run, TrainResult, checkpoint_objects, load_data, load_model, load_vae, setup, start
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -136,5 +136,5 @@ def save_checkpoint(run: Run) -> None:
         "processes": session.world,
     }
     path = checkpoints.save(session.accelerator, session.out, run.steps.step, state, to_toml(config),
-                            config.checkpoint.keep)  # fmt: skip
+                            config.checkpoint.keep, checkpoint_objects(run.lr_scheduler, run.ema))  # fmt: skip
     session.say(f"saved {path.name}")

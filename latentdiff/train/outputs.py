@@ -80,14 +80,21 @@ def validate(run: Run, step: int) -> None:
 
 
 def _write_grid(run: Run, images: list, step: int) -> None:
+    """One row per validation prompt, one column per seed, labelled with both and the step; the PNG
+    also carries them as JSON (text chunk ``validation``)."""
+    from PIL import PngImagePlugin
+
     session = run.session
     val = session.config.validation
-    sheet = grid(images, columns=len(val.seeds), row_labels=list(val.prompts), column_labels=[f"seed {s}" for s in val.seeds],
-                 scale=max(1, 128 // images[0].shape[0]))  # one labelled row per prompt; small images enlarged
+    sheet = grid(images, columns=len(val.seeds), row_labels=val.prompts, column_labels=[f"seed {s}" for s in val.seeds],
+                 title=f"step {step}", scale=max(1, 128 // images[0].shape[0]))  # small images enlarged
     folder = session.out / "validation"
     folder.mkdir(exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("validation", json.dumps({"step": step, "prompts": val.prompts, "seeds": val.seeds,
+                                            "steps": val.steps, "guidance": val.guidance, "scheduler": val.scheduler}))  # fmt: skip
     with atomic_write(folder / f"step-{step:08d}.png") as f:
-        sheet.save(f, format="PNG")
+        sheet.save(f, format="PNG", pnginfo=info)
     if session.tensorboard:
         import numpy as np
 
@@ -129,6 +136,7 @@ def _write_final(run: Run, step: int, full) -> None:
             rank=lora.rank,
             alpha=lora.alpha,
             metadata={"latentdiff_config": to_toml(config), "ss_steps": str(step)},
+            layout=lora.layout,
         )
         with atomic_write(session.out / "README.md", "w") as f:
             f.write(card)

@@ -14,7 +14,7 @@ Every piece of work the main process does alone while the others wait goes throu
 from __future__ import annotations
 
 import json
-import time
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -68,6 +68,10 @@ class Session:
         self.config = config
         self.out = Path(config.train.output_dir).expanduser().resolve()
         run = config.train
+        # train.mixed_precision decides (it also sets the frozen parts' dtype); `accelerate launch` passes
+        # its config's mixed_precision in the environment, which the explicit argument below overrides
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        launcher_differs = launcher not in ("", "no", run.mixed_precision)
         self.tensorboard = run.tensorboard and _have_tensorboard()
         self.accelerator = Accelerator(
             mixed_precision=run.mixed_precision,
@@ -86,6 +90,10 @@ class Session:
         self.resume_from: Optional[Path] = None  # the checkpoint the U-Net stage continues from (start())
         if run.tensorboard and not self.tensorboard:
             self.say("warning: TensorBoard is not installed (pip install tensorboard); logging to log.jsonl only")
+        if launcher_differs:
+            self.say(f"warning: the accelerate config asks for mixed_precision={launcher}, the training config for "
+                     f"train.mixed_precision={run.mixed_precision!r}; the training config's is used "
+                     "(set train.mixed_precision to change it)")  # fmt: skip
 
     def say(self, text: str) -> None:
         if self.main:
@@ -94,6 +102,11 @@ class Session:
     def log(self, values: dict[str, float], step: int) -> None:
         """One line of log.jsonl (and TensorBoard), written by the main process."""
         on_main(self._write_log, values, step)
+
+    def forget_log_after(self, step: int, key: str) -> None:
+        """On a resume from ``step``: drop the log.jsonl lines with ``key`` (one stage's) after it, which
+        the stopped run wrote after its last checkpoint and this run will write again (collective)."""
+        on_main(_trim_log, self.out / "log.jsonl", step, key)
 
     def _write_log(self, values: dict[str, float], step: int) -> None:
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
@@ -148,14 +161,17 @@ def load_model(config: TrainConfig):
 
 
 def load_vae(path: str):
-    """An AutoencoderKL from a model folder (its ``vae/``) or a bare VAE folder."""
+    """An AutoencoderKL from a model folder (its ``vae/``) or a bare VAE folder; ``"default"``: the
+    embedded default model's (in float32)."""
     from diffusers import AutoencoderKL
 
-    root = Path(path).expanduser()
+    from ..generation.pipeline import DEFAULT_MODEL_DIR
+
+    root = DEFAULT_MODEL_DIR if path == "default" else Path(path).expanduser()
     folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
     if not (folder / "config.json").is_file():
         raise MissingFileError(f"model.vae_path: {root} holds no VAE (no config.json there or in vae/)")
-    return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
 
 
 @dataclass
@@ -237,14 +253,13 @@ def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
 
         ema = EMAModel(params, decay=config.train.ema_decay)
     # The LR schedule is stepped by us once per optimizer step (accelerate's wrapper would step it once
-    # per process), and saved with the checkpoint like the EMA (registered in this order: a checkpoint's
-    # custom_checkpoint_0 is the schedule, _1 the EMA).
-    acc.register_for_checkpointing(lr_scheduler)
-    if ema is not None:
-        acc.register_for_checkpointing(ema)
+    # per process). It and the EMA are saved with the checkpoint by checkpoints.save, as JSON +
+    # safetensors: registered with accelerate they would be pickles that resuming loads with
+    # weights_only=False (code a stranger put in the folder would run).
     if config.lora.enabled:
         acc.register_save_state_pre_hook(_keep_trainable_weights)
-    state = _resume(session, global_batch)
+    objects = checkpoint_objects(lr_scheduler, ema)
+    state = _resume(session, global_batch, objects)
     return Run(
         session=session, pipe=pipe, noise_scheduler=noise_scheduler, data=data, dataset=dataset, batches=batches,
         loader_kwargs=loader_kwargs, global_batch=global_batch, modules=modules,
@@ -360,12 +375,18 @@ def make_optimizer(config: TrainConfig, modules, text_encoder, device):
     return optimizer, lr_scheduler
 
 
-def _resume(session: Session, global_batch: int) -> Optional[dict[str, Any]]:
+def checkpoint_objects(lr_scheduler, ema) -> dict[str, Any]:
+    """What a U-Net stage checkpoint holds besides accelerate's state, by name (in the order older
+    checkpoints registered them with accelerate: custom_checkpoint_0, _1)."""
+    return {"lr_scheduler": lr_scheduler, "ema": ema}
+
+
+def _resume(session: Session, global_batch: int, objects: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Restore the prepared state from ``session.resume_from`` (collective); returns its trainer state."""
     config, path = session.config, session.resume_from
     if path is None:
         return None
-    state = checkpoints.load(session.accelerator, path, strict=not config.lora.enabled)
+    state = checkpoints.load(session.accelerator, path, strict=not config.lora.enabled, objects=objects)
     if state.get("seed") != config.train.seed or state.get("world_batch") != global_batch:
         raise InvalidInputError(
             f"{path} was made with train.seed={state.get('seed')} and a global batch of "
@@ -374,6 +395,7 @@ def _resume(session: Session, global_batch: int) -> Optional[dict[str, Any]]:
         )
     session.say(f"resumed from {path.name}: step {state['step']}, epoch {state['epoch']}, "
                 f"batch {state['position']} of the epoch")  # fmt: skip
+    session.forget_log_after(state["step"], UNET_LOG_KEY)
     return state
 
 
@@ -388,6 +410,25 @@ def _scan(session: Session) -> Source:
             for key, reason in source.skipped:
                 f.write(json.dumps({"image": key, "reason": reason}) + "\n")
     return source
+
+
+UNET_LOG_KEY = "loss"  # what the U-Net stage's log lines have (the VAE stage's: vae_loss / vae_psnr)
+
+
+def _trim_log(path: Path, step: int, key: str) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the crash
+            continue
+        later = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+        if not (later and any(k.startswith(key) for k in record)):
+            kept.append(line + "\n")
+    with atomic_write(path, "w") as f:
+        f.writelines(kept)
 
 
 def _remove_stale_checkpoints(out: Path) -> None:

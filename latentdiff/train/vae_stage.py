@@ -109,6 +109,7 @@ def train_vae(session, pipe, data) -> Path:
     if resume is not None:
         state = checkpoints.load(acc, resume)
         session.say(f"VAE stage resumed from {resume.name}: step {state['step']}")
+        session.forget_log_after(state["step"], "vae_")
     steps = session.steps(stage.steps, "VAE stage", state)
     per_rank = stage.batch_size
     for batch_keys in steps.batches(batches):
