@@ -16,7 +16,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def generate(args) -> int:
-    from .generation.recipe import call_kwargs, read_recipe, remake_differences
+    from .generation.recipe import call_kwargs, read_png, remake_differences
     from .generation.result import prepare_output
     from .models.architectures import VARIANTS
 
@@ -24,9 +24,13 @@ def generate(args) -> int:
     recipe: dict = {}
     model, preset, preset_seed, variant = args.model, args.preset, args.preset_seed, None
     if args.from_png:
-        recipe = read_recipe(args.from_png)
-        request = call_kwargs(recipe)
-        if model is None and preset is None:  # the recipe's own model unless one is named
+        recipe, infotext = read_png(args.from_png)
+        if recipe is None:  # another tool's PNG: its A1111 infotext, or nothing to remake
+            request = _from_infotext(args.from_png, infotext, args.scheduler)
+            recipe = {}
+        else:
+            request = call_kwargs(recipe)
+        if recipe and model is None and preset is None:  # the recipe's own model unless one is named
             source = recipe.get("model")
             if not isinstance(source, dict) or not (source.get("path") or source.get("preset")):
                 raise InvalidInputError(f"the recipe in {args.from_png} names no model; pass --model or --preset")
@@ -70,7 +74,7 @@ def generate(args) -> int:
     _apply_loras(pipe, args.lora, recipe.get("loras") if args.from_png else None)
     if args.fast:  # after the LoRAs; half precision on CUDA unless a dtype was asked for (or the recipe names one)
         pipe.optimize(dtype=dtype if (args.dtype or recipe.get("dtype")) else None)
-    if args.from_png and (reasons := remake_differences(recipe, pipe)):
+    if recipe and (reasons := remake_differences(recipe, pipe)):
         print(f"latentdiff: warning: the image may not match: {'; '.join(reasons)}", file=sys.stderr)
     result = pipe(**request, progress=not args.no_progress)
     for record in pipe.compile_report:  # what the first call of each shape cost
@@ -78,6 +82,23 @@ def generate(args) -> int:
     for path in result.save(args.output):
         print(path)
     return 0
+
+
+def _from_infotext(path, infotext, scheduler) -> dict:
+    """Pipeline arguments from a PNG's A1111 infotext; prints what could not be mapped."""
+    from .generation.infotext import infotext_call, parse_infotext
+
+    if infotext is None:
+        raise InvalidInputError(f"{path} has neither a latentdiff recipe nor A1111 infotext (a 'parameters' "
+                                "text chunk); there is nothing to remake it from")  # fmt: skip
+    request, notes, problem = infotext_call(parse_infotext(infotext))
+    if problem and scheduler is None:
+        raise InvalidInputError(f"{path}: {problem}; pass --scheduler NAME to choose one")
+    print(f"latentdiff: {path} holds A1111 infotext, not a latentdiff recipe: the image is made again from "
+          "its settings, not guaranteed pixel for pixel", file=sys.stderr)  # fmt: skip
+    for note in notes:
+        print(f"latentdiff: note: {note}", file=sys.stderr)
+    return request
 
 
 def batch(args) -> int:
