@@ -297,6 +297,34 @@ def _apply_loras(pipe, specs, recorded) -> None:
         print(f"latentdiff: warning: {problem}", file=sys.stderr)
 
 
+def serve(args) -> int:
+    import os
+    from dataclasses import replace
+
+    from .serve.config import Limits, ServeConfig
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise InvalidInputError('latentdiff serve needs FastAPI and uvicorn: pip install "latentdiff[serve]"') from None
+    limits = replace(Limits(), **{k: v for k, v in (("max_side", args.max_side), ("max_steps", args.max_steps),
+                                                    ("max_images", args.max_images)) if v is not None})  # fmt: skip
+    device = _device(args.device)
+    config = ServeConfig(
+        data=Path(args.data).resolve(), model=args.model, preset=args.preset, preset_seed=args.preset_seed,
+        host=args.host, port=args.port, token=args.token or os.environ.get("LATENTDIFF_TOKEN") or None,
+        batch_size=args.batch_size or (4 if device.startswith("cuda") else 1), device=device, dtype=args.dtype,
+        keep_hours=args.keep_hours, limits=limits,
+    ).check()  # fmt: skip
+    from .serve.app import create_app
+
+    print(f"latentdiff serve: http://{config.host}:{config.port}/ (API docs at /docs), data in {config.data}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
 # subcommand -> what runs it
 COMMANDS = {"generate": generate, "batch": batch, "info": info, "schedules": schedules, "convert": convert,
-            "data": data, "eval": evaluate, "train": train}  # fmt: skip
+            "data": data, "eval": evaluate, "train": train, "serve": serve}  # fmt: skip
