@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-side", type=int, default=None, help="largest width or height in pixels (default 2048)")
     v.add_argument("--max-steps", type=int, default=None, help="most steps per job (default 150)")
     v.add_argument("--max-images", type=int, default=None, help="most images per job (default 16)")
+    v.add_argument("--max-body", type=int, default=None, metavar="BYTES", help="largest request body (default 32 MiB)")
 
     t = sub.add_parser("train", help="train or fine-tune a model from a TOML config (also under accelerate launch)")
     t.add_argument("--config", required=True, metavar="FILE.toml", help="run configuration (see training/configs/)")

@@ -309,7 +309,8 @@ def serve(args) -> int:
     except ImportError:
         raise InvalidInputError('latentdiff serve needs FastAPI and uvicorn: pip install "latentdiff[serve]"') from None
     limits = replace(Limits(), **{k: v for k, v in (("max_side", args.max_side), ("max_steps", args.max_steps),
-                                                    ("max_images", args.max_images)) if v is not None})  # fmt: skip
+                                                    ("max_images", args.max_images), ("max_body", args.max_body))
+                                if v is not None})  # fmt: skip
     device = _device(args.device)
     config = ServeConfig(
         data=Path(args.data).resolve(), model=args.model, preset=args.preset, preset_seed=args.preset_seed,

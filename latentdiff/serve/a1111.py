@@ -26,6 +26,7 @@ import asyncio
 import base64
 import io
 import json
+import secrets
 import time
 from typing import Any, Optional
 
@@ -165,7 +166,8 @@ def a1111_call(body: _Common, server, img2img: bool) -> tuple[dict, dict, list[s
         "prompt": body.prompt, "negative_prompt": body.negative_prompt or None,
         "num_images_per_prompt": body.batch_size * body.n_iter, "num_inference_steps": body.steps,
         "guidance_scale": body.cfg_scale, "height": body.height, "width": body.width,
-        "seed": None if body.seed == -1 else body.seed, "scheduler": scheduler, "clip_skip": clip - 1,
+        "seed": secrets.randbelow(2**32) if body.seed == -1 else body.seed, "scheduler": scheduler,
+        "clip_skip": clip - 1,
     }  # fmt: skip
     if scheduler == "ddim":
         eta = body.eta if body.eta is not None else settings.get("eta_ddim", 0.0)

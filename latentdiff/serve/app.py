@@ -79,7 +79,7 @@ class Server:
             "queue_position": self.queue.position(job["id"]) if job["state"] == "queued" else 0,
             "prompt": job["spec"]["prompt"], "seeds": job["spec"]["seeds"],
             "images": [{"k": im["k"], "seed": im["seed"], "url": f"/v1/jobs/{job['id']}/images/{im['k']}",
-                        "params": im["params"]} for im in images],  # fmt: skip
+                        "batch": im["batch"], "params": im["params"]} for im in images],  # fmt: skip
         }
 
     async def wait(self, job_id: str) -> dict:

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS images (
     file TEXT NOT NULL,                     -- name inside the images folder
     seed INTEGER NOT NULL,
     params TEXT NOT NULL,                   -- JSON: the image's recipe
+    batch TEXT NOT NULL,                    -- the U-Net batch it was made in (shared by other jobs' images)
     PRIMARY KEY (job_id, k)
 );
 """
@@ -185,8 +186,9 @@ class JobQueue:
                 state = db.execute("SELECT state FROM jobs WHERE id = ?", (r["job_id"],)).fetchone()
                 if state is None or state[0] not in ACTIVE:
                     continue
-                db.execute("INSERT OR REPLACE INTO images (job_id, k, file, seed, params) VALUES (?, ?, ?, ?, ?)",
-                           (r["job_id"], r["k"], r["file"], r["seed"], json.dumps(r["params"], sort_keys=True)))  # fmt: skip
+                db.execute("INSERT OR REPLACE INTO images (job_id, k, file, seed, params, batch) VALUES (?, ?, ?, ?, ?, ?)",
+                           (r["job_id"], r["k"], r["file"], r["seed"], json.dumps(r["params"], sort_keys=True),
+                            r["batch"]))  # fmt: skip
             for job_id in dict.fromkeys(r["job_id"] for r in rows):
                 row = db.execute("SELECT total, state, warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is None or row["state"] not in ACTIVE:

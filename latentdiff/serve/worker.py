@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import secrets
 import threading
 import time
 import warnings
@@ -152,13 +153,14 @@ class Worker:
                 mask_image=masks if masks[0] is not None else None,
                 callback=step, progress=False, **call,
             )  # fmt: skip
-        rows = []
+        rows, batch_id = [], secrets.token_hex(6)
         for (job, k), image, params in zip(batch, result.images, result.params):
             if job["id"] in self.cancelled:
                 continue
             name = f"{job['id']}-{k}.png"
             save_png(image, self.images_dir / name, params)
-            rows.append({"job_id": job["id"], "k": k, "file": name, "seed": params["seed"], "params": params})
+            rows.append({"job_id": job["id"], "k": k, "file": name, "seed": params["seed"], "params": params,
+                         "batch": batch_id})
         notes = [str(w.message) for w in caught]
         return rows, ({job_id: notes for job_id in job_ids} if notes else {})
 
