@@ -108,7 +108,7 @@ def check_limits(call: dict[str, Any], limits: Limits, names: dict[str, str]) ->
         text = call.get(arg)
         if isinstance(text, str) and len(text) > limits.max_prompt:
             raise FieldError(names.get(arg, arg), f"{names.get(arg, arg)} has {len(text)} characters; this server "
-                                                  f"allows at most {limits.max_prompt}")  # fmt: skip
+                                                  f"allows at most {limits.max_prompt} characters")  # fmt: skip
 
 
 def field_of(message: str, names: dict[str, str]) -> str:
