@@ -25,7 +25,7 @@ def states(db_path) -> dict[str, str]:
 def test_sigkill_mid_run_then_restart_finishes_every_job_exactly_once(tmp_path):
     data = tmp_path / "data"
     server = Server(data).start()
-    bodies = [{"prompt": f"job {i}", "seed": 100 * i, "num_images_per_prompt": 2, "num_inference_steps": 12,
+    bodies = [{"prompt": f"job {i}", "seed": 100 * i, "num_images_per_prompt": 2, "num_inference_steps": 8,
                "height": 64, "width": 64} for i in range(20)]  # fmt: skip
     with server.client() as client:
         ids = []
