@@ -89,7 +89,7 @@ def _from_infotext(path, infotext, scheduler) -> dict:
     from .generation.infotext import infotext_call, parse_infotext
 
     if infotext is None:
-        raise InvalidInputError(f"{path} has neither a latentdiff recipe nor A1111 infotext (a 'parameters' "
+        raise InvalidInputError(f"{path} has no latentdiff recipe and no A1111 infotext (a 'parameters' "
                                 "text chunk); there is nothing to remake it from")  # fmt: skip
     request, notes, problem = infotext_call(parse_infotext(infotext))
     if problem and scheduler is None:

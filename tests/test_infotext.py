@@ -172,7 +172,7 @@ def test_a_sampler_without_equivalent_is_an_error_unless_one_is_chosen(tmp_path,
 def test_a_png_without_recipe_or_infotext_is_refused(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     assert main(["generate", "--from-png", str(tmp_path / "plain.png"), "--preset", "tiny"]) == 2
-    assert "neither a latentdiff recipe nor A1111 infotext" in capsys.readouterr().err
+    assert "no latentdiff recipe and no A1111 infotext" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("a1111, schedule, ours", [

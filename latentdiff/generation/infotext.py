@@ -54,16 +54,18 @@ def model_name(source: Any) -> str:
 
 def format_infotext(params: dict[str, Any]) -> str:
     """The A1111 infotext of one image's recipe (``params`` as ``image_params`` makes it)."""
-    sampler, schedule = to_a1111(params.get("scheduler"), params.get("scheduler_class"))
-    fields: dict[str, Any] = {
-        "Steps": params["num_inference_steps"],
+    known = params.get("scheduler") is not None or params.get("scheduler_class") is not None
+    sampler, schedule = to_a1111(params.get("scheduler"), params.get("scheduler_class")) if known else (None, None)
+    size = (params.get("width"), params.get("height"))
+    fields: dict[str, Any] = {  # (a recipe written by hand may lack some: those are left out)
+        "Steps": params.get("num_inference_steps"),
         "Sampler": sampler,
         "Schedule type": schedule,
-        "CFG scale": _number(params["guidance_scale"]),
-        "Seed": params["seed"],
-        "Size": f"{params['width']}x{params['height']}",
+        "CFG scale": None if params.get("guidance_scale") is None else _number(params["guidance_scale"]),
+        "Seed": params.get("seed"),
+        "Size": f"{size[0]}x{size[1]}" if None not in size else None,
         "Model hash": (params.get("model_hash") or "")[:10] or None,
-        "Model": model_name(params.get("model")),
+        "Model": model_name(params.get("model")) if params.get("model") else None,
     }
     if params.get("strength") is not None:
         fields["Denoising strength"] = _number(params["strength"])
