@@ -6,14 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from helpers import Server, picture, png_pixels, wait_for
+from latentdiff.cli import main
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -189,13 +188,9 @@ def test_a1111_txt2img_gives_latentdiff_generates_image(client, tmp_path):
     # the same settings on the command line (A1111's clip skip 2 is our --clip-skip 1)
     for i, seed in enumerate((1234, 1235)):
         out = tmp_path / f"cli-{i}.png"
-        done = subprocess.run(
-            [sys.executable, "-m", "latentdiff", "generate", "a red circle in the top left", "--negative", "blurry",
-             "--seed", str(seed), "--scheduler", "dpmpp_2m_karras", "--steps", "3", "--cfg", "7", "--size", "32x32",
-             "--clip-skip", "1", "--preset", "tiny", "--device", "cpu", "--no-progress", "-o", str(out)],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+        assert main(["generate", "a red circle in the top left", "--negative", "blurry", "--seed", str(seed),
+                     "--scheduler", "dpmpp_2m_karras", "--steps", "3", "--cfg", "7", "--size", "32x32",
+                     "--clip-skip", "1", "--preset", "tiny", "--device", "cpu", "--no-progress", "-o", str(out)]) == 0
         served = png_pixels(base64.b64decode(result["images"][i]))
         assert np.array_equal(served, np.asarray(Image.open(out).convert("RGB")))
 

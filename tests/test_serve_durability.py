@@ -25,8 +25,9 @@ def states(db_path) -> dict[str, str]:
 def test_sigkill_mid_run_then_restart_finishes_every_job_exactly_once(tmp_path):
     data = tmp_path / "data"
     server = Server(data).start()
-    bodies = [{"prompt": f"job {i}", "seed": 100 * i, "num_images_per_prompt": 2, "num_inference_steps": 8,
-               "height": 64, "width": 64} for i in range(20)]  # fmt: skip
+    bodies = [{"prompt": f"job {i}", "seed": 100 * i, "num_images_per_prompt": 2 if i % 4 == 0 else 1,
+               "num_inference_steps": 8, "height": 48, "width": 48} for i in range(20)]  # fmt: skip
+    expected = sorted((i, k) for i in range(20) for k in range(bodies[i]["num_images_per_prompt"]))
     with server.client() as client:
         ids = []
         for i, body in enumerate(bodies):
@@ -53,7 +54,7 @@ def test_sigkill_mid_run_then_restart_finishes_every_job_exactly_once(tmp_path):
                 again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"job-{i}"})
                 assert again.status_code == 200 and again.json()["id"] == ids[i]
             # finished jobs are still served after the restart
-            png = client.get(f"/v1/jobs/{ids[0]}/images/1")
+            png = client.get(f"/v1/jobs/{ids[0]}/images/1")  # (job 0 has two images)
             assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
     finally:
         server.stop()
@@ -62,10 +63,10 @@ def test_sigkill_mid_run_then_restart_finishes_every_job_exactly_once(tmp_path):
         rows = db.execute("SELECT job_id, k, file, seed FROM images").fetchall()
         finished_after = dict(db.execute("SELECT id, finished FROM jobs"))
         assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 20
-    assert sorted((job_id, k) for job_id, k, _, _ in rows) == sorted((i, k) for i in ids for k in (0, 1))
+    assert sorted((ids.index(job_id), k) for job_id, k, _, _ in rows) == expected
     assert {i: finished_after[i] for i in done_before} == finished_before  # not made a second time
     files = sorted(p.name for p in (data / "images").iterdir())
-    assert files == sorted(f"{i}-{k}.png" for i in ids for k in (0, 1))  # no duplicates, no temporary leftovers
+    assert files == sorted(f"{ids[i]}-{k}.png" for i, k in expected)  # no duplicates, no temporary leftovers
     for job_id, k, name, seed in rows:
         with Image.open(data / "images" / name) as image:
             image.load()  # a truncated PNG fails here

@@ -230,7 +230,11 @@ def native_router(current) -> APIRouter:
         async def stream():
             last = None
             while True:
-                status = s.status(s.queue.get(job_id))
+                job = s.queue.get(job_id)
+                if job is None:  # removed (retention) while we watched
+                    yield f"event: gone\ndata: {json.dumps({'id': job_id})}\n\n"
+                    return
+                status = s.status(job)
                 mark = (status["state"], status["progress"]["step"], status["images_done"])
                 finished = status["state"] in FINISHED
                 if mark != last or finished:

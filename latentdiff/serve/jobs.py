@@ -67,24 +67,36 @@ def body_hash(body: BaseModel) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
 
 
+def open_base64(data: str, check=None):
+    """A base64 image (a data: URL prefix is allowed) as a loaded PIL image; ``check(image)`` runs
+    once the header is read, before the pixels are decoded."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(_DATA_URL.sub("", data.strip()), validate=True)))
+    if check is not None:
+        check(image)
+    image.load()
+    return image
+
+
 def decode_image(data: str, field: str, limits: Limits):
-    """A base64 image (a data: URL prefix is allowed) as a loaded PIL image, or a FieldError."""
+    """A base64 image from a request as a loaded PIL image, or a FieldError."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        raw = base64.b64decode(_DATA_URL.sub("", data.strip()), validate=True)
-    except (binascii.Error, ValueError):
-        raise FieldError(field, f"{field} must be an image encoded as base64 (PNG, JPEG or WebP); file paths and URLs "
-                                "are not accepted") from None  # fmt: skip
-    try:
-        image = Image.open(io.BytesIO(raw))
+    def small_enough(image):
         if max(image.size) > limits.max_side:
             raise FieldError(field, f"{field} is {image.width}x{image.height} pixels; this server takes at most "
                                     f"{limits.max_side} on a side")  # fmt: skip
-        image.load()
+
+    try:
+        return open_base64(data, small_enough)
+    except FieldError:
+        raise
+    except (binascii.Error, ValueError):
+        raise FieldError(field, f"{field} must be an image encoded as base64 (PNG, JPEG or WebP); file paths and URLs "
+                                "are not accepted") from None  # fmt: skip
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise FieldError(field, f"{field} is not a readable image ({e})") from None
-    return image
 
 
 def check_limits(call: dict[str, Any], limits: Limits, names: dict[str, str]) -> None:

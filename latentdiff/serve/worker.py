@@ -15,8 +15,6 @@ crash at any moment leaves whole files only, and a job made again writes the sam
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import secrets
 import threading
@@ -25,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from .jobs import open_base64
 from .queue import JobQueue
 
 log = logging.getLogger("latentdiff.serve")
@@ -123,7 +122,7 @@ class Worker:
             if job["spec"].get(field) is None:
                 return None
             if (job["id"], field) not in decoded:
-                decoded[job["id"], field] = _decode(job["spec"][field])
+                decoded[job["id"], field] = open_base64(job["spec"][field])
             return decoded[job["id"], field]
 
         steps = _expected_steps(spec)
@@ -163,16 +162,6 @@ class Worker:
                          "batch": batch_id})
         notes = [str(w.message) for w in caught]
         return rows, ({job_id: notes for job_id in job_ids} if notes else {})
-
-
-def _decode(data: str):
-    from PIL import Image
-
-    from .jobs import _DATA_URL
-
-    image = Image.open(io.BytesIO(base64.b64decode(_DATA_URL.sub("", data.strip()))))
-    image.load()
-    return image
 
 
 def _expected_steps(spec: dict) -> int:
