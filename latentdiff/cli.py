@@ -1,6 +1,6 @@
 """The ``latentdiff`` command line: the parser and the dispatch to ``commands.py``.
 
-Subcommands: generate, batch, info, schedules, convert, data, eval, train. User mistakes (bad
+Subcommands: generate, batch, info, schedules, convert, data, eval, train, serve. User mistakes (bad
 arguments, missing or damaged files) print one ``latentdiff: error: ...`` line and exit with
 status 2; no traceback. Parsing imports no heavy library: ``latentdiff --help`` is instant.
 What other libraries print (their loading bars, log messages and warnings) is silenced unless
@@ -150,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     _add_threads(e)
+
+    v = sub.add_parser("serve", parents=[common], help="serve the model over HTTP: job queue, A1111-compatible API, web page")
+    src = v.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="model folder or single file (default: the embedded default model)")
+    src.add_argument("--preset", choices=list(PRESETS), default=None, help="random weights of a named architecture")
+    v.add_argument("--preset-seed", type=int, default=0, help="seed of the --preset weights (default 0)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token)")
+    v.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    v.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on every request "
+                   "(default: the LATENTDIFF_TOKEN environment variable, if set)")  # fmt: skip
+    v.add_argument("--data", default="latentdiff-serve", metavar="DIR",
+                   help="queue database, images and options (default: ./latentdiff-serve)")  # fmt: skip
+    v.add_argument("--batch-size", type=int, default=None,
+                   help="images per U-Net call, shared between jobs (default 4 on CUDA, 1 on CPU)")  # fmt: skip
+    v.add_argument("--keep-hours", type=float, default=168.0, help="keep finished jobs and images this long (default 168)")
+    v.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    v.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default float32)")
+    v.add_argument("--max-side", type=int, default=None, help="largest width or height in pixels (default 2048)")
+    v.add_argument("--max-steps", type=int, default=None, help="most steps per job (default 150)")
+    v.add_argument("--max-images", type=int, default=None, help="most images per job (default 16)")
+    v.add_argument("--max-body", type=int, default=None, metavar="BYTES", help="largest request body (default 32 MiB)")
 
     t = sub.add_parser("train", parents=[common],
                        help="train or fine-tune a model from a TOML config (also under accelerate launch)")

@@ -41,7 +41,7 @@ def quiet_libraries() -> None:
 
 
 def generate(args) -> int:
-    from .generation.recipe import call_kwargs, read_recipe, remake_differences
+    from .generation.recipe import call_kwargs, read_png, remake_differences
     from .generation.result import prepare_output
     from .models.architectures import VARIANTS
 
@@ -49,9 +49,13 @@ def generate(args) -> int:
     recipe: dict = {}
     model, preset, preset_seed, variant = args.model, args.preset, args.preset_seed, None
     if args.from_png:
-        recipe = read_recipe(args.from_png)
-        request = call_kwargs(recipe)
-        if model is None and preset is None:  # the recipe's own model unless one is named
+        recipe, infotext = read_png(args.from_png)
+        if recipe is None:  # another tool's PNG: its A1111 infotext, or nothing to remake
+            request = _from_infotext(args.from_png, infotext, args.scheduler)
+            recipe = {}
+        else:
+            request = call_kwargs(recipe)
+        if recipe and model is None and preset is None:  # the recipe's own model unless one is named
             source = recipe.get("model")
             if not isinstance(source, dict) or not (source.get("path") or source.get("preset")):
                 raise InvalidInputError(f"the recipe in {args.from_png} names no model; pass --model or --preset")
@@ -99,7 +103,7 @@ def generate(args) -> int:
     _apply_loras(pipe, args.lora, recipe.get("loras") if args.from_png else None)
     if args.fast:  # after the LoRAs; half precision on CUDA unless a dtype was asked for (or the recipe names one)
         pipe.optimize(dtype=dtype if (args.dtype or recipe.get("dtype")) else None)
-    if args.from_png and (reasons := remake_differences(recipe, pipe)):
+    if recipe and (reasons := remake_differences(recipe, pipe)):
         print(f"latentdiff: warning: the image may not match: {'; '.join(reasons)}", file=sys.stderr)
     result = pipe(**request, progress=not args.no_progress)
     for record in pipe.compile_report:  # what the first call of each shape cost
@@ -107,6 +111,23 @@ def generate(args) -> int:
     for path in result.save(args.output):
         print(path)
     return 0
+
+
+def _from_infotext(path, infotext, scheduler) -> dict:
+    """Pipeline arguments from a PNG's A1111 infotext; prints what could not be mapped."""
+    from .generation.infotext import infotext_call, parse_infotext
+
+    if infotext is None:
+        raise InvalidInputError(f"{path} has no latentdiff recipe and no A1111 infotext (a 'parameters' "
+                                "text chunk); there is nothing to remake it from")  # fmt: skip
+    request, notes, problem = infotext_call(parse_infotext(infotext))
+    if problem and scheduler is None:
+        raise InvalidInputError(f"{path}: {problem}; pass --scheduler NAME to choose one")
+    print(f"latentdiff: {path} holds A1111 infotext, not a latentdiff recipe: the image is made again from "
+          "its settings, not guaranteed pixel for pixel", file=sys.stderr)  # fmt: skip
+    for note in notes:
+        print(f"latentdiff: note: {note}", file=sys.stderr)
+    return request
 
 
 def batch(args) -> int:
@@ -368,6 +389,35 @@ def _apply_loras(pipe, specs, recorded) -> None:
         print(f"latentdiff: warning: {problem}", file=sys.stderr)
 
 
+def serve(args) -> int:
+    import os
+    from dataclasses import replace
+
+    from .serve.config import Limits, ServeConfig
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise InvalidInputError('latentdiff serve needs FastAPI and uvicorn: pip install "latentdiff[serve]"') from None
+    limits = replace(Limits(), **{k: v for k, v in (("max_side", args.max_side), ("max_steps", args.max_steps),
+                                                    ("max_images", args.max_images), ("max_body", args.max_body))
+                                if v is not None})  # fmt: skip
+    device = _device(args.device)
+    config = ServeConfig(
+        data=Path(args.data).resolve(), model=args.model, preset=args.preset, preset_seed=args.preset_seed,
+        host=args.host, port=args.port, token=args.token or os.environ.get("LATENTDIFF_TOKEN") or None,
+        batch_size=args.batch_size or (4 if device.startswith("cuda") else 1), device=device, dtype=args.dtype,
+        keep_hours=args.keep_hours, limits=limits,
+    ).check()  # fmt: skip
+    from .serve.app import create_app
+
+    print(f"latentdiff serve: http://{config.host}:{config.port}/ (API docs at /docs), data in {config.data}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
 # subcommand -> what runs it
 COMMANDS = {"generate": generate, "batch": batch, "info": info, "schedules": schedules, "convert": convert,
-            "data": data, "eval": evaluate, "train": train}  # fmt: skip
+            "data": data, "eval": evaluate, "train": train, "serve": serve}  # fmt: skip

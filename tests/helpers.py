@@ -77,3 +77,88 @@ def free_port() -> int:
 
 class NetworkUsed(RuntimeError):
     """What the ``no_network`` fixture raises for any attempt to connect or resolve a name."""
+
+
+class Server:
+    """``latentdiff serve`` in a subprocess on 127.0.0.1 and a free port, for tests that talk to it
+    over HTTP. ``start()`` returns once ``/v1/health`` answers; ``kill()`` sends SIGKILL."""
+
+    def __init__(self, data, *args: str, token: str | None = None):
+        self.data, self.args, self.token = data, list(args), token
+        self.process = None
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> "Server":
+        import os
+        import subprocess
+        import sys
+        import time
+
+        import httpx2
+
+        command = [sys.executable, "-m", "latentdiff", "serve", "--preset", "tiny", "--port", str(self.port),
+                   "--data", str(self.data), *self.args] + (["--token", self.token] if self.token else [])  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.log = open(self.data.parent / f"{self.data.name}-server.log", "ab")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}: {self.read_log()[-3000:]}")
+            try:
+                if self.client().get("/v1/health", timeout=2).status_code == 200:
+                    return self
+            except httpx2.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the server did not answer within {timeout} s: {self.read_log()[-3000:]}")
+
+    def client(self, token: str | None = None, **kwargs):
+        import httpx2
+
+        token = token or self.token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx2.Client(base_url=self.url, timeout=120, trust_env=False, headers=headers, **kwargs)
+
+    def read_log(self) -> str:
+        return (self.data.parent / f"{self.data.name}-server.log").read_text(errors="replace")
+
+    def kill(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except Exception:
+                self.process.kill()
+                self.process.wait(30)
+        if self.process is not None:
+            self.log.close()
+
+
+def wait_for(client, job_id: str, timeout: float = 120.0) -> dict:
+    """Poll ``GET /v1/jobs/{id}`` until the job has finished; returns it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
+
+
+def png_pixels(data: bytes):
+    """The pixels of PNG bytes as an (H, W, 3) uint8 array."""
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-HEAVY = {"torch", "diffusers", "transformers"}
+HEAVY = {"torch", "diffusers", "transformers", "fastapi", "uvicorn"}
 
 
 def imported_by(*args: str) -> set[str]:
@@ -29,7 +29,7 @@ def test_import_latentdiff_loads_no_heavy_library():
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["batch"], ["train"], ["info"], ["convert"], ["data"],
-                                     ["eval"], ["schedules"]])  # fmt: skip
+                                     ["eval"], ["schedules"], ["serve"]])  # fmt: skip
 def test_help_loads_no_heavy_library(command):
     loaded = imported_by("-m", "latentdiff", *command, "--help")
     assert not loaded & HEAVY, sorted(loaded & HEAVY)

@@ -3,7 +3,8 @@
 Every image of a call gets a recipe, its ``params`` (:func:`image_params`): prompt, negative
 prompt, seed, steps, guidance, scheduler, size, model source and weight hash, LoRAs and
 embeddings, input images, library version. A PNG written by latentdiff carries it in one ``tEXt``
-chunk, key ``latentdiff``, as JSON (:func:`save_png`, :func:`read_recipe`); :func:`call_kwargs` turns
+chunk, key ``latentdiff``, as JSON (:func:`save_png`, :func:`read_recipe`), and beside it the same
+settings as A1111 infotext (``parameters``, see ``infotext.py``) for other tools; :func:`call_kwargs` turns
 it back into the call that remakes the image, and :func:`remake_differences` says when a remake
 cannot promise the same pixels.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import InvalidInputError, MissingFileError
 from ..fileio import atomic_write
@@ -78,18 +79,40 @@ def save_png(image, path: str | Path, params: dict[str, Any], *, exclusive: bool
 
     With ``exclusive``, raise ``FileExistsError`` rather than replace an existing file.
     """
+    path = Path(path)
+    with atomic_write(path, exclusive=exclusive) as f:
+        f.write(png_bytes(image, params))
+    return path
+
+
+def png_bytes(image, params: dict[str, Any]) -> bytes:
+    """``image`` (PIL) as PNG bytes with ``params`` as its recipe and as A1111 infotext."""
+    import io
+
     from PIL import PngImagePlugin
+
+    from .infotext import PNG_KEY as INFOTEXT_KEY
+    from .infotext import format_infotext
 
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
-    path = Path(path)
-    with atomic_write(path, exclusive=exclusive) as f:
-        image.save(f, format="PNG", pnginfo=info)
-    return path
+    if params.get("prompt") is not None:  # (prompt_embeds have no text to show)
+        info.add_text(INFOTEXT_KEY, format_infotext(params))  # tEXt, or UTF-8 iTXt where Latin-1 cannot hold it
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """The recipe stored in a PNG that latentdiff wrote."""
+    recipe, _ = read_png(path)
+    if recipe is None:
+        raise InvalidInputError(f"{path} has no latentdiff recipe; only PNGs written by latentdiff can be remade")
+    return recipe
+
+
+def read_png(path: str | Path) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """The latentdiff recipe (None if the PNG has none) and the A1111 infotext (None if none) of a PNG."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -99,11 +122,12 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         with Image.open(path) as im:  # text chunks before the pixels are read without decoding
             if im.format != "PNG":
                 raise InvalidInputError(f"{path} is a {im.format} image, not a PNG that latentdiff wrote")
-            text = im.info.get(PNG_KEY)
+            text, infotext = im.info.get(PNG_KEY), im.info.get("parameters")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise InvalidInputError(f"cannot read {path} as a PNG ({e}); give a PNG that latentdiff wrote") from None
+    infotext = infotext if isinstance(infotext, str) and infotext.strip() else None
     if text is None:
-        raise InvalidInputError(f"{path} has no latentdiff recipe; only PNGs written by latentdiff can be remade")
+        return None, infotext
     try:
         recipe = json.loads(text)
     except ValueError:
@@ -111,7 +135,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(recipe, dict) or "prompt" not in recipe or "seed" not in recipe:
         raise InvalidInputError(f"the recipe in {path} lacks a prompt or seed; the file was edited or damaged")
     _check_recipe_fields(recipe, path)
-    return recipe
+    return recipe, infotext
 
 
 def _check_recipe_fields(recipe: dict[str, Any], path) -> None:
