@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, metavar="FILE.toml", help="run configuration (see training/configs/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, TOML syntax: --set optim.lr=1e-5 --set checkpoint.resume=latest")  # fmt: skip
+    t.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: OMP_NUM_THREADS if set, else torch's own). A run resumes "
+                        "bit for bit only with the thread count it was saved with")  # fmt: skip
     return parser
 
 

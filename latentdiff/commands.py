@@ -169,6 +169,8 @@ def train(args) -> int:
     from .train.config import TrainConfig
     from .train.loop import train as run
 
+    if args.threads is not None:  # else torch's default: fixed, unlike the load-dependent default of the
+        set_threads(args.threads, "")  # other commands, so that a resumed run keeps its thread count
     try:
         result = run(TrainConfig.load(args.config, args.set))
     except BaseException:
