@@ -1,0 +1,230 @@
+"""SDXL base and refiner against diffusers' StableDiffusionXL pipelines on the same tiny weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from helpers import REFERENCE_SCHEDULERS, picture
+from latentdiff import InvalidInputError, LatentDiffusion
+from latentdiff.generation.recipe import call_kwargs
+
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
+SEEDS = [3, 11]
+GUIDANCE = 5.0  # diffusers' SDXL default (ours is 7.5): always passed, on both sides
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    pipe = LatentDiffusion.from_preset("tiny-sdxl", seed=0)
+    return pipe, pipe.save_pretrained(tmp_path_factory.mktemp("sdxl") / "base")
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory):
+    pipe = LatentDiffusion.from_preset("tiny-sdxl-refiner", seed=1)
+    return pipe, pipe.save_pretrained(tmp_path_factory.mktemp("sdxl") / "refiner")
+
+
+def reference(cls, folder, scheduler=None):
+    pipe = cls.from_pretrained(folder, local_files_only=True)
+    if scheduler is not None:
+        sched_cls, options = REFERENCE_SCHEDULERS[scheduler]
+        pipe.scheduler = sched_cls.from_pretrained(folder, subfolder="scheduler", **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generators(seeds):
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def mask(width=48, height=64) -> Image.Image:
+    m = np.zeros((height, width), np.uint8)
+    m[16:48, 8:40] = 255
+    return Image.fromarray(m)
+
+
+@pytest.mark.parametrize("scheduler", [None, "ddim", "euler_a", "dpmpp_2m_karras", "heun"])
+def test_txt2img_matches_diffusers(base, scheduler):
+    """Two seeds, a negative prompt, a non-square size, the model's own and other schedulers."""
+    pipe, folder = base
+    ours = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, num_inference_steps=3, height=64, width=48,
+                seed=SEEDS, scheduler=scheduler, guidance_scale=GUIDANCE, output_type="np", progress=False).images  # fmt: skip
+    theirs = reference(StableDiffusionXLPipeline, folder, scheduler)(
+        [PROMPT] * 2, negative_prompt=[NEGATIVE] * 2, num_inference_steps=3, height=64, width=48,
+        guidance_scale=GUIDANCE, generator=generators(SEEDS), output_type="np",
+    ).images  # fmt: skip
+    assert ours.shape == (2, 64, 48, 3)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert np.abs(ours[0] - ours[1]).max() > 1e-2
+
+
+def test_second_prompts_zero_negatives_and_micro_conditioning_match_diffusers(base):
+    pipe, folder = base
+    ref = reference(StableDiffusionXLPipeline, folder)
+    common = {"num_inference_steps": 3, "height": 48, "width": 64, "guidance_scale": GUIDANCE}
+    # no negative prompt: zeros (force_zeros_for_empty_prompt); prompt_2 to the second encoder
+    ours = pipe(PROMPT, prompt_2="a watercolour", seed=5, output_type="np", progress=False, **common).images
+    theirs = ref(PROMPT, prompt_2="a watercolour", generator=generators([5]), output_type="np", **common).images
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    # negative_prompt_2 and every micro-conditioning value, the negative ones too
+    micro = {"original_size": (512, 384), "crops_coords_top_left": (16, 8), "target_size": (96, 128),
+             "negative_original_size": (256, 256), "negative_crops_coords_top_left": (16, 8),
+             "negative_target_size": (64, 64)}  # fmt: skip
+    ours = pipe(PROMPT, negative_prompt=NEGATIVE, negative_prompt_2="grainy", seed=5, output_type="np",
+                progress=False, **micro, **common).images  # fmt: skip
+    theirs = ref(PROMPT, negative_prompt=NEGATIVE, negative_prompt_2="grainy", generator=generators([5]),
+                 output_type="np", **micro, **common).images  # fmt: skip
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    plain = pipe(PROMPT, negative_prompt=NEGATIVE, negative_prompt_2="grainy", seed=5, output_type="np",
+                 progress=False, **common).images  # fmt: skip
+    assert np.abs(plain - ours).max() > 1e-3  # the micro-conditioning reached the U-Net
+
+
+def test_clip_skip_of_both_encoders_matches_diffusers(base):
+    pipe, folder = base
+    common = {"num_inference_steps": 2, "height": 64, "width": 64, "guidance_scale": GUIDANCE, "clip_skip": 1}
+    ours = pipe(PROMPT, seed=2, output_type="np", progress=False, **common).images
+    theirs = reference(StableDiffusionXLPipeline, folder)(PROMPT, generator=generators([2]), output_type="np", **common).images
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    with pytest.raises(InvalidInputError, match="clip_skip"):
+        pipe(PROMPT, clip_skip=2, num_inference_steps=1, progress=False)  # 3 layers: the penultimate and one before
+
+
+def test_long_and_weighted_prompts_use_both_encoders(base):
+    pipe, _ = base
+    long = ", ".join(["a very detailed photograph of a red fox in the snow"] * 12)  # > 75 tokens: two chunks
+    from latentdiff.generation.request import Request
+
+    groups = pipe._encode(Request.resolve(pipe, prompt=[PROMPT, long], negative_prompt="x", progress=False))
+    assert [g.cond.shape[1] for g in groups] == [77, 154] and groups[1].cond.shape[-1] == 64
+    weighted = pipe._encode(Request.resolve(pipe, prompt="a (red:1.5) fox", progress=False))[0]
+    plain = pipe._encode(Request.resolve(pipe, prompt="a red fox", progress=False))[0]
+    diff = (weighted.cond - plain.cond).abs().amax(dim=(0, 1))
+    assert diff[:32].max() > 1e-4 and diff[32:].max() > 1e-4  # each encoder's half is weighted
+    # a long prompt in the same call does not change a short prompt's image
+    alone = pipe(PROMPT, seed=1, num_inference_steps=2, output_type="np", progress=False).images[0]
+    mixed = pipe([PROMPT, long], seed=[1, 2], num_inference_steps=2, output_type="np", progress=False).images[0]
+    np.testing.assert_allclose(alone, mixed, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_img2img_matches_diffusers(base, scheduler):
+    pipe, folder = base
+    ours = pipe(PROMPT, negative_prompt=NEGATIVE, image=picture(48, 64), strength=0.6, num_images_per_prompt=2,
+                num_inference_steps=4, seed=SEEDS, scheduler=scheduler, guidance_scale=GUIDANCE, output_type="np",
+                progress=False).images  # fmt: skip
+    theirs = reference(StableDiffusionXLImg2ImgPipeline, folder, scheduler)(
+        [PROMPT] * 2, negative_prompt=[NEGATIVE] * 2, image=[picture(48, 64)] * 2, strength=0.6,
+        num_inference_steps=4, guidance_scale=GUIDANCE, generator=generators(SEEDS), output_type="np",
+    ).images  # fmt: skip
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_inpainting_matches_diffusers(base):
+    pipe, folder = base
+    kwargs = {"image": picture(48, 64), "mask_image": mask(), "strength": 1.0, "num_inference_steps": 3,
+              "guidance_scale": GUIDANCE, "output_type": "latent"}  # fmt: skip
+    ours = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, seed=SEEDS, progress=False,
+                scheduler="euler_a", **kwargs).images  # fmt: skip
+    theirs = reference(StableDiffusionXLInpaintPipeline, folder, "euler_a")(
+        [PROMPT] * 2, negative_prompt=[NEGATIVE] * 2, generator=generators(SEEDS), height=64, width=48,
+        **{**kwargs, "image": [kwargs["image"]] * 2, "mask_image": [mask()] * 2},
+    ).images  # fmt: skip
+    assert ours.shape == (2, 4, 8, 6)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)  # latents are O(10): relative too
+
+
+@pytest.mark.parametrize("scheduler", [None, "dpmpp_2m", "heun"])
+def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, scheduler):
+    (pipe, base_dir), (ref_pipe, refiner_dir) = base, refiner
+    steps, split = 6, 0.7
+    latents = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, seed=SEEDS, num_inference_steps=steps,
+                   denoising_end=split, scheduler=scheduler, guidance_scale=GUIDANCE, output_type="latent",
+                   progress=False).images  # fmt: skip
+    ours = ref_pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, seed=SEEDS, image=latents,
+                    num_inference_steps=steps, denoising_start=split, scheduler=scheduler, guidance_scale=GUIDANCE,
+                    aesthetic_score=7.0, output_type="np", progress=False)  # fmt: skip
+    their_latents = reference(StableDiffusionXLPipeline, base_dir, scheduler)(
+        [PROMPT] * 2, negative_prompt=[NEGATIVE] * 2, num_inference_steps=steps, denoising_end=split,
+        guidance_scale=GUIDANCE, generator=generators(SEEDS), output_type="latent",
+    ).images  # fmt: skip
+    torch.testing.assert_close(latents, their_latents, atol=1e-4, rtol=1e-4)
+    theirs = reference(StableDiffusionXLImg2ImgPipeline, refiner_dir, scheduler)(
+        [PROMPT] * 2, negative_prompt=[NEGATIVE] * 2, image=their_latents, num_inference_steps=steps,
+        denoising_start=split, guidance_scale=GUIDANCE, aesthetic_score=7.0, generator=generators(SEEDS),
+        output_type="np",
+    ).images  # fmt: skip
+    np.testing.assert_allclose(ours.images, theirs, atol=1e-4, rtol=0)
+    assert ours.params[0]["denoising_start"] == split and ours.params[0]["aesthetic_score"] == 7.0
+
+
+def test_refiner_txt2img_and_arguments_that_do_not_apply(base, refiner):
+    (pipe, _), (ref_pipe, _) = base, refiner
+    assert ref_pipe.text_encoder is None and ref_pipe.time_id_count == 5 and not ref_pipe.force_zeros_for_empty_prompt
+    image = ref_pipe(PROMPT, seed=1, num_inference_steps=2, output_type="np", progress=False).images
+    assert image.shape == (1, 64, 64, 3)
+    with pytest.raises(InvalidInputError, match="aesthetic_score applies to the SDXL refiner"):
+        pipe(PROMPT, aesthetic_score=6.0, num_inference_steps=1)
+    with pytest.raises(InvalidInputError, match="target_size applies to SDXL base"):
+        ref_pipe(PROMPT, target_size=(64, 64), num_inference_steps=1)
+    with pytest.raises(InvalidInputError, match="denoising_start needs image="):
+        pipe(PROMPT, denoising_start=0.5, num_inference_steps=1)
+    sd = LatentDiffusion.from_preset("tiny")
+    with pytest.raises(InvalidInputError, match="prompt_2 applies to SDXL models only"):
+        sd(PROMPT, prompt_2="x", num_inference_steps=1)
+
+
+def test_prompt_embeds_with_pooled_embeds(base):
+    pipe, folder = base
+    ref = reference(StableDiffusionXLPipeline, folder)
+    cond, uncond, pooled, uncond_pooled = ref.encode_prompt(PROMPT, device="cpu", negative_prompt=NEGATIVE)
+    common = {"num_inference_steps": 2, "guidance_scale": GUIDANCE, "output_type": "np"}
+    ours = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=uncond_pooled, seed=4, progress=False, **common).images  # fmt: skip
+    text = pipe(PROMPT, negative_prompt=NEGATIVE, seed=4, progress=False, **common).images
+    np.testing.assert_allclose(ours, text, atol=1e-5, rtol=0)
+    with pytest.raises(InvalidInputError, match="pooled_prompt_embeds"):
+        pipe(prompt_embeds=cond, num_inference_steps=1)
+
+
+def test_recipe_remakes_the_image_and_hires_runs(base, tmp_path):
+    pipe, _ = base
+    result = pipe(PROMPT, prompt_2="oil painting", negative_prompt=NEGATIVE, seed=7, num_inference_steps=2,
+                  crops_coords_top_left=(8, 0), progress=False)  # fmt: skip
+    path = result.save(tmp_path / "a.png")[0]
+    from latentdiff.generation.recipe import read_recipe
+
+    recipe = read_recipe(path)
+    assert recipe["prompt_2"] == "oil painting" and recipe["crops_coords_top_left"] == [8, 0]
+    again = pipe(**call_kwargs(recipe), progress=False).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(result.images[0]))
+    zero = pipe(PROMPT, seed=7, num_inference_steps=2, progress=False)
+    assert zero.params[0]["negative_prompt"] is None  # remade with zeros again
+    big = pipe(PROMPT, seed=7, num_inference_steps=2, hires_scale=1.5, output_type="np", progress=False).images
+    assert big.shape == (1, 96, 96, 3)
+
+
+def test_half_precision_vae_overflow_is_redone_in_float32(base):
+    pipe = LatentDiffusion.from_preset("tiny-sdxl", seed=0)
+    assert pipe.vae.config.force_upcast  # SDXL's VAE overflows in float16
+    pipe.vae.half()
+    decoder = pipe.vae.decoder
+    forward = decoder.forward
+
+    def overflowing(z, *args, **kwargs):
+        out = forward(z, *args, **kwargs)
+        return out * float("inf") if out.dtype == torch.float16 else out
+
+    decoder.forward = overflowing
+    with pytest.warns(UserWarning, match="float32"):
+        image = pipe(PROMPT, seed=1, num_inference_steps=2, output_type="np", progress=False).images
+    assert np.isfinite(image).all() and image.std() > 0.01
