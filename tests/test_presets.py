@@ -71,4 +71,4 @@ def test_tiny_describes_itself(tiny):
 
 def test_unknown_preset_lists_the_names():
     with pytest.raises(InvalidInputError, match=", ".join(PRESETS)):
-        LatentDiffusion.from_preset("sdxl")
+        LatentDiffusion.from_preset("sd3")
