@@ -141,7 +141,7 @@ def _tiny_sdxl_unet(cross_attention_dim: int, time_values: int) -> dict[str, Any
             "layers_per_block": 1, "transformer_layers_per_block": [1, 2], "attention_head_dim": [2, 4],
             "cross_attention_dim": cross_attention_dim, "use_linear_projection": True, "norm_num_groups": 32,
             "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": 8 * time_values + 32}  # fmt: skip
+            "projection_class_embeddings_input_dim": 8 * time_values + 48}  # fmt: skip
 
 
 def _text_encoder(width: int, layers: int) -> dict[str, Any]:
@@ -278,15 +278,16 @@ PRESETS: dict[str, Architecture] = {
     # the refiner conditions on the second encoder alone, and on an aesthetic score instead of a target size
     "sdxl-refiner": Architecture(name="sdxl-refiner", unet=_SDXL_REFINER_UNET, vae=_SDXL_VAE, text_encoder=None,
                                  text_encoder_2=_OPENCLIP_BIGG, scheduler=_SDXL_SCHEDULER),
-    # SDXL's layout at test size: two 3-layer encoders 32 wide (so clip skip 1 exists), a two-level U-Net
+    # SDXL's layout at test size: two 3-layer encoders (so clip skip 1 exists), 32 and 48 wide (of other widths,
+    # as in SDXL, which is how diffusers' single-file loader tells them apart), a two-level U-Net
     "tiny-sdxl": Architecture(
-        name="tiny-sdxl", unet=_tiny_sdxl_unet(64, 6), vae={**_TINY_VAE, "scaling_factor": 0.13025},
+        name="tiny-sdxl", unet=_tiny_sdxl_unet(80, 6), vae={**_TINY_VAE, "scaling_factor": 0.13025},
         text_encoder={**_text_encoder(32, 3), "num_attention_heads": 4},
-        text_encoder_2={**_text_encoder(32, 3), "hidden_act": "gelu"}, scheduler=_SDXL_SCHEDULER,
+        text_encoder_2={**_text_encoder(48, 3), "hidden_act": "gelu"}, scheduler=_SDXL_SCHEDULER,
     ),
     "tiny-sdxl-refiner": Architecture(
-        name="tiny-sdxl-refiner", unet=_tiny_sdxl_unet(32, 5), vae={**_TINY_VAE, "scaling_factor": 0.13025},
-        text_encoder=None, text_encoder_2={**_text_encoder(32, 3), "hidden_act": "gelu"}, scheduler=_SDXL_SCHEDULER,
+        name="tiny-sdxl-refiner", unet=_tiny_sdxl_unet(48, 5), vae={**_TINY_VAE, "scaling_factor": 0.13025},
+        text_encoder=None, text_encoder_2={**_text_encoder(48, 3), "hidden_act": "gelu"}, scheduler=_SDXL_SCHEDULER,
     ),
 }
 
