@@ -262,3 +262,126 @@ def test_single_file_round_trips_through_diffusers_both_ways(base, refiner, tmp_
     ref.set_progress_bar_config(disable=True)
     theirs = ref(PROMPT, num_inference_steps=2, guidance_scale=GUIDANCE, generator=generators([2]), output_type="np").images
     np.testing.assert_allclose(image, theirs, atol=1e-4, rtol=0)
+
+
+def _kohya_sdxl_lora(pipe, path, *, everything: bool, rank: int = 2, seed: int = 0):
+    """A kohya-layout SDXL LoRA for ``pipe``: the U-Net under the original (sgm) names, lora_te1_ / lora_te2_.
+    ``everything``: every linear and convolution layer; else attention and MLP projections only."""
+    from safetensors.torch import save_file
+
+    from latentdiff.models import ldm_layout as L
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def add(stem, module):
+        w = module.weight
+        down = torch.randn((rank, *w.shape[1:]), generator=g) * 0.3
+        up = torch.randn((w.shape[0], rank, *([1, 1] if w.ndim == 4 else [])), generator=g) * 0.3
+        tensors.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(1.0)})
+
+    wanted = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    for path_, module in pipe.unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and (everything or path_.endswith(wanted[:4])):
+            old = L.unet_key(path_ + ".weight", pipe.unet.config).removesuffix(".weight")
+            add("lora_unet_" + old.replace(".", "_"), module)
+    for prefix, encoder in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+        for path_, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and (everything or path_.endswith(wanted[4:])):
+                name = path_ if path_ == "text_projection" else "text_model." + path_.removeprefix("text_model.")
+                add(prefix + name.replace(".", "_"), module)
+    save_file(tensors, str(path))
+    return tensors
+
+
+def test_kohya_sdxl_lora_applies_every_key_and_matches_diffusers(base, tmp_path, no_network):
+    pipe, folder = base
+    model = LatentDiffusion.from_pretrained(folder)
+    full = tmp_path / "full.safetensors"
+    keys = _kohya_sdxl_lora(model, full, everything=True)
+    report = model.load_lora(full)
+    assert report.applied_keys == len(keys) and report.unmatched_keys == []
+    assert report.layers["text_encoder"] > 0 and report.layers["text_encoder_2"] > 0
+    model.unload_lora()
+    # the attention / MLP part against diffusers' own kohya reader, on the same weights
+    attn = tmp_path / "attn.safetensors"
+    _kohya_sdxl_lora(model, attn, everything=False, seed=1)
+    model.load_lora(attn, scale=0.8)
+    common = {"num_inference_steps": 2, "guidance_scale": GUIDANCE, "output_type": "np"}
+    ours = model(PROMPT, negative_prompt=NEGATIVE, seed=3, progress=False, **common).images
+    ref = reference(StableDiffusionXLPipeline, folder)
+    ref.load_lora_weights(str(attn), adapter_name="a")
+    ref.set_adapters(["a"], adapter_weights=[0.8])
+    theirs = ref(PROMPT, negative_prompt=NEGATIVE, generator=generators([3]), **common).images
+    plain = pipe(PROMPT, negative_prompt=NEGATIVE, seed=3, progress=False, **common).images
+    assert np.abs(plain - ours).max() > 1e-3
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    from safetensors.torch import load_file, save_file
+
+    second = tmp_path / "te2.safetensors"  # the second encoder's part alone: nothing in an SD 1.x model
+    save_file({k: v for k, v in load_file(str(attn)).items() if k.startswith("lora_te2_")}, str(second))
+    with pytest.raises(InvalidInputError, match="matched nothing"):
+        LatentDiffusion.from_preset("tiny").load_lora(second)
+
+
+def test_peft_layout_sdxl_lora_written_and_read_like_diffusers(base, tmp_path, no_network):
+    from peft import get_peft_model_state_dict
+
+    from latentdiff.models.lora import add_lora_adapter, save_lora
+
+    pipe, folder = base
+    trained = LatentDiffusion.from_pretrained(folder)
+    states = {}
+    for name, targets in (("unet", ["to_q", "to_v"]), ("text_encoder", ["q_proj"]), ("text_encoder_2", ["v_proj"])):
+        module = getattr(trained, name)
+        with torch.random.fork_rng():
+            torch.manual_seed(4)
+            add_lora_adapter(module, rank=2, alpha=2.0, targets=targets)
+            for n, p in module.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.3)
+        states[name] = get_peft_model_state_dict(module)
+    common = {"num_inference_steps": 2, "guidance_scale": GUIDANCE, "output_type": "np"}
+    expected = trained(PROMPT, seed=6, progress=False, **common).images  # the peft layers themselves
+    for layout in ("peft", "kohya"):
+        path = save_lora(tmp_path / f"{layout}.safetensors", unet_state=states["unet"], text_encoder_state=states["text_encoder"],
+                         text_encoder_2_state=states["text_encoder_2"], rank=2, alpha=2.0, layout=layout, sdxl=True)  # fmt: skip
+        model = LatentDiffusion.from_pretrained(folder)
+        report = model.load_lora(path)
+        assert report.unmatched_keys == [] and report.layers["text_encoder_2"] > 0
+        np.testing.assert_allclose(model(PROMPT, seed=6, progress=False, **common).images, expected, atol=1e-4, rtol=0)
+    ref = reference(StableDiffusionXLPipeline, folder)
+    ref.load_lora_weights(str(tmp_path / "peft.safetensors"))
+    theirs = ref(PROMPT, generator=generators([6]), **common).images
+    np.testing.assert_allclose(theirs, expected, atol=1e-4, rtol=0)
+
+
+def test_sdxl_textual_inversion_adds_a_token_to_both_encoders(base, tmp_path):
+    from safetensors.torch import save_file
+
+    pipe, folder = base
+    model = LatentDiffusion.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "sxl.safetensors"
+    save_file({"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 48, generator=g)}, str(path))
+    embedding = model.load_textual_inversion(path)
+    assert embedding.tokens == ["sxl", "sxl_1"]
+    assert len(model.tokenizer) == len(model.tokenizer_2) == 49410
+    common = {"num_inference_steps": 2, "guidance_scale": GUIDANCE, "output_type": "np", "progress": False}
+    with_token = model("a photo in sxl", seed=1, **common).images
+    assert np.abs(with_token - model("a photo in", seed=1, **common).images).max() > 1e-4
+    # the same vectors through diffusers' loader, once per encoder
+    ref = reference(StableDiffusionXLPipeline, folder)
+    g = torch.Generator().manual_seed(0)
+    clip_l, clip_g = torch.randn(2, 32, generator=g), torch.randn(2, 48, generator=g)
+    ref.load_textual_inversion(clip_l, token="sxl", text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(clip_g, token="sxl", text_encoder=ref.text_encoder_2, tokenizer=ref.tokenizer_2)
+    theirs = ref("a photo in sxl", generator=generators([1]), num_inference_steps=2, guidance_scale=GUIDANCE,
+                 output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(with_token, theirs, atol=1e-4, rtol=0)
+    sd_file = tmp_path / "sd.safetensors"
+    save_file({"emb_params": torch.zeros(1, 32)}, str(sd_file))
+    with pytest.raises(InvalidInputError, match="SD 1.x / 2.x embedding"):
+        model.load_textual_inversion(sd_file, token="other")
+    with pytest.raises(InvalidInputError, match="SDXL embedding"):
+        LatentDiffusion.from_preset("tiny").load_textual_inversion(path)

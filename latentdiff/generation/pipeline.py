@@ -154,11 +154,14 @@ class LatentDiffusion:
         self.loras.unload(name)
 
     def load_textual_inversion(self, path: Union[str, Path], token: Optional[str] = None):
-        """Add a textual-inversion embedding (.safetensors / .pt; A1111 or diffusers layout) as
-        ``token`` (default: the file's own token, or its name), usable in prompts."""
+        """Add a textual-inversion embedding (.safetensors / .pt; A1111 or diffusers layout; for SDXL
+        ``clip_l`` / ``clip_g`` vectors, one set per text encoder) as ``token`` (default: the file's
+        own token, or its name), usable in prompts."""
         from ..models.textual_inversion import add_embedding
 
-        embedding = add_embedding(self.tokenizer, self.text_encoder, path, token)
+        keys = ("clip_l", "clip_g") if self.sdxl else ("",)  # SDXL files hold one set of vectors per encoder
+        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        embedding = add_embedding([(key, tok, enc) for key, (tok, enc) in zip(keys, pairs) if enc is not None], path, token)
         self.embeddings.append(embedding)
         return embedding
 
