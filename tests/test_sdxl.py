@@ -385,3 +385,38 @@ def test_sdxl_textual_inversion_adds_a_token_to_both_encoders(base, tmp_path):
         model.load_textual_inversion(sd_file, token="other")
     with pytest.raises(InvalidInputError, match="SDXL embedding"):
         LatentDiffusion.from_preset("tiny").load_textual_inversion(path)
+
+
+def test_command_line_generate_batch_info_and_convert_take_sdxl(base, tmp_path, capsys):
+    import json
+
+    from latentdiff.cli import main
+    from latentdiff.generation.recipe import read_recipe
+
+    _, folder = base
+    # generate: the second prompt reaches the recipe, and --from-png remakes the image
+    assert main(["generate", "a cat", "--prompt-2", "a painting", "--model", str(folder), "--steps", "2", "--seed", "4",
+                 "--size", "48x64", "-o", str(tmp_path / "cat.png"), "--no-progress"]) == 0  # fmt: skip
+    recipe = read_recipe(tmp_path / "cat.png")
+    assert recipe["prompt_2"] == "a painting" and recipe["negative_prompt"] is None and (recipe["width"], recipe["height"]) == (48, 64)
+    assert main(["generate", "--from-png", str(tmp_path / "cat.png"), "-o", str(tmp_path / "again.png"), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cat.png")), np.asarray(Image.open(tmp_path / "again.png")))
+    # batch: the rows' images equal the call's
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a dog", "seed": 2, "negative_prompt": "blurry"}) + "\n")
+    assert main(["batch", str(rows), "--out", str(tmp_path / "out"), "--model", str(folder), "--steps", "2", "--no-progress"]) == 0
+    made = next((tmp_path / "out").glob("*.png"))
+    pipe = LatentDiffusion.from_pretrained(folder)
+    direct = pipe("a dog", negative_prompt="blurry", seed=2, num_inference_steps=2, progress=False).images[0]
+    assert np.abs(np.asarray(Image.open(made), dtype=int) - np.asarray(direct, dtype=int)).max() <= 1
+    # info and convert (folder -> single file -> folder: the same weights)
+    capsys.readouterr()
+    assert main(["info", str(folder)]) == 0
+    shown = capsys.readouterr().out
+    assert "family: SDXL" in shown and "text_encoder_2" in shown and "CLIPTextModelWithProjection" in shown
+    assert main(["convert", str(folder), str(tmp_path / "m.safetensors")]) == 0
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "back")]) == 0
+    assert LatentDiffusion.from_pretrained(tmp_path / "back").weight_hash() == pipe.weight_hash()
+    capsys.readouterr()
+    assert main(["generate", "x", "--preset", "tiny", "--prompt-2", "y", "--steps", "1", "-o", str(tmp_path / "x.png")]) != 0
+    assert "prompt_2 applies to SDXL models only" in capsys.readouterr().err
