@@ -116,6 +116,39 @@ def test_long_and_weighted_prompts_use_both_encoders(base):
     np.testing.assert_allclose(alone, mixed, atol=1e-5, rtol=0)
 
 
+def test_long_prompt_is_chunked_through_each_encoder_in_closed_form(base):
+    """A 150-token prompt: two chunks of 75, each wrapped BOS tokens EOS pad... and encoded alone by each
+    encoder (its penultimate layer), the two widths side by side; the pooled embedding is the second
+    encoder's projection of the first chunk; the negative prompt is padded with the empty prompt's chunk.
+    Computed here with the plain transformers models."""
+    from latentdiff.generation.request import Request
+
+    pipe, _ = base
+    tokens = pipe.tokenizer(" ".join(f"word{i}" for i in range(200)), add_special_tokens=False).input_ids[:150]
+    text = pipe.tokenizer.decode(tokens)
+    assert pipe.tokenizer_2(text, add_special_tokens=False).input_ids == tokens
+
+    def encode(chunk):  # -> (77, D1 + D2), (D2,)
+        states, pooled = [], None
+        for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = [tok.bos_token_id, *chunk, tok.eos_token_id]
+            ids += [tok.pad_token_id] * (77 - len(ids))
+            with torch.no_grad():
+                out = enc(torch.tensor([ids]), output_hidden_states=True)
+            states.append(out.hidden_states[-2][0])
+            pooled = getattr(out, "text_embeds", None)
+        return torch.cat(states, dim=-1), pooled[0]
+
+    (first, pooled), (second, _), (negative, negative_pooled), (empty, _) = (
+        encode(c) for c in (tokens[:75], tokens[75:], pipe.tokenizer("blurry", add_special_tokens=False).input_ids, []))
+    group = pipe._encode(Request.resolve(pipe, prompt=text, negative_prompt="blurry", progress=False))[0]
+    assert pipe.tokenizer_2.pad_token_id != pipe.tokenizer.pad_token_id  # "!" vs <|endoftext|>, as released
+    torch.testing.assert_close(group.cond[0], torch.cat([first, second]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(group.pooled[0], pooled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(group.uncond[0], torch.cat([negative, empty]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(group.uncond_pooled[0], negative_pooled, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 def test_img2img_matches_diffusers(base, scheduler):
     pipe, folder = base
@@ -211,6 +244,24 @@ def test_recipe_remakes_the_image_and_hires_runs(base, tmp_path):
     assert zero.params[0]["negative_prompt"] is None  # remade with zeros again
     big = pipe(PROMPT, seed=7, num_inference_steps=2, hires_scale=1.5, output_type="np", progress=False).images
     assert big.shape == (1, 96, 96, 3)
+
+
+def test_hires_pixel_mode_is_diffusers_txt2img_then_img2img_with_the_generator_going_on(base):
+    """Independent reference: diffusers' SDXL txt2img, a Lanczos resize, then diffusers' SDXL img2img (its
+    micro-conditioning defaults: the new size) whose generator has made the base image's one draw."""
+    pipe, folder = base
+    ref = reference(StableDiffusionXLPipeline, folder, "euler")
+    img2img = StableDiffusionXLImg2ImgPipeline(**ref.components)
+    img2img.set_progress_bar_config(disable=True)
+    common = {"negative_prompt": NEGATIVE, "num_inference_steps": 4, "guidance_scale": GUIDANCE}
+    gen = torch.Generator("cpu").manual_seed(21)
+    first = ref(PROMPT, height=48, width=64, generator=[gen], output_type="pil", **common).images[0]
+    theirs = img2img(PROMPT, image=first.resize((128, 96), Image.LANCZOS), strength=0.5, generator=[gen],
+                     output_type="np", **common).images  # fmt: skip
+    ours = pipe(PROMPT, height=48, width=64, seed=21, scheduler="euler", hires_scale=2.0, hires_upscale="pixel",
+                hires_strength=0.5, output_type="np", progress=False, **common).images  # fmt: skip
+    assert ours.shape == theirs.shape == (1, 96, 128, 3)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
 def test_half_precision_vae_overflow_is_redone_in_float32(base):
