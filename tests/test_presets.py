@@ -69,6 +69,17 @@ def test_tiny_describes_itself(tiny):
     assert len(info["weight_hash"]) == 16
 
 
+def test_the_suite_refuses_random_weights_of_real_width():
+    """conftest.py's guard (a real-size request such as from_preset("sdxl") would be 13.9 GB; this one, if
+    the guard failed, a few hundred MB)."""
+    from helpers import RealSizeModel
+    from latentdiff.models import architectures
+
+    with pytest.raises(RealSizeModel, match="'tiny'.*320 channels"):
+        architectures.build_components("tiny", overrides={"unet": {"block_out_channels": [320, 320]}})
+    assert architectures.build_components("tiny", overrides={"unet": {"block_out_channels": [320, 320]}}, empty=True)
+
+
 def test_unknown_preset_lists_the_names():
     with pytest.raises(InvalidInputError, match=", ".join(PRESETS)):
         LatentDiffusion.from_preset("sd3")
