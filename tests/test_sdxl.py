@@ -282,9 +282,9 @@ def test_half_precision_vae_overflow_is_redone_in_float32(base):
 
 
 def test_single_file_round_trips_through_diffusers_both_ways(base, refiner, tmp_path, no_network):
-    """Our sgm-layout file loads in diffusers' from_single_file (given the folder as its local config),
-    and diffusers' own file written from the same weights... is ours: both directions give the same
-    weights and image."""
+    """Our sgm-layout file (base and refiner) loads in diffusers' from_single_file, given the folder as its
+    local config and no network, into exactly our weights, and back into ours; the two give the same image.
+    Without our embedded configuration the variant is detected from the keys alone."""
     for (pipe, folder), cls in ((base, StableDiffusionXLPipeline), (refiner, StableDiffusionXLImg2ImgPipeline)):
         path = pipe.save_single_file(tmp_path / f"{folder.name}.safetensors")
         from safetensors import safe_open
