@@ -116,7 +116,7 @@ def test_long_and_weighted_prompts_use_both_encoders(base):
     np.testing.assert_allclose(alone, mixed, atol=1e-5, rtol=0)
 
 
-def test_long_prompt_is_chunked_through_each_encoder_in_closed_form(base):
+def test_long_and_weighted_prompts_through_each_encoder_in_closed_form(base):
     """A 150-token prompt: two chunks of 75, each wrapped BOS tokens EOS pad... and encoded alone by each
     encoder (its penultimate layer), the two widths side by side; the pooled embedding is the second
     encoder's projection of the first chunk; the negative prompt is padded with the empty prompt's chunk.
@@ -147,6 +147,18 @@ def test_long_prompt_is_chunked_through_each_encoder_in_closed_form(base):
     torch.testing.assert_close(group.pooled[0], pooled, atol=1e-5, rtol=0)
     torch.testing.assert_close(group.uncond[0], torch.cat([negative, empty]), atol=1e-5, rtol=0)
     torch.testing.assert_close(group.uncond_pooled[0], negative_pooled, atol=1e-5, rtol=0)
+    # weights, the web UIs' way, on each encoder's half alone: scale the token's states, then restore
+    # that half's mean; the pooled embedding stays unweighted
+    red = pipe.tokenizer("a red fox", add_special_tokens=False).input_ids
+    plain, plain_pooled = encode(red)
+    w = torch.ones(77, 1)
+    w[2] = 1.5  # BOS, "a", "red"
+    halves = []
+    for z in plain.split([pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size], dim=-1):
+        halves.append(z * w * (z.mean() / (z * w).mean()))
+    weighted = pipe._encode(Request.resolve(pipe, prompt="a (red:1.5) fox", progress=False))[0]
+    torch.testing.assert_close(weighted.cond[0], torch.cat(halves, dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weighted.pooled[0], plain_pooled, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
@@ -174,6 +186,24 @@ def test_inpainting_matches_diffusers(base):
     ).images  # fmt: skip
     assert ours.shape == (2, 4, 8, 6)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)  # latents are O(10): relative too
+
+
+def test_nine_channel_inpainting_model_matches_diffusers(tmp_path):
+    """An SDXL inpainting U-Net (9 input channels: latents, mask, masked image's latents), at part strength."""
+    from latentdiff.models.architectures import build_components
+
+    pipe = LatentDiffusion(**build_components("tiny-sdxl", seed=2, overrides={"unet": {"in_channels": 9}}), source={})
+    folder = pipe.save_pretrained(tmp_path / "inpaint")
+    kwargs = {"image": picture(48, 64, seed=1), "mask_image": mask(), "strength": 0.8, "num_inference_steps": 4,
+              "guidance_scale": GUIDANCE, "output_type": "latent"}  # fmt: skip
+    ours = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, seed=SEEDS, progress=False,
+                scheduler="euler", **kwargs).images  # fmt: skip
+    theirs = reference(StableDiffusionXLInpaintPipeline, folder, "euler")(
+        [PROMPT] * 2, negative_prompt=[NEGATIVE] * 2, generator=generators(SEEDS), height=64, width=48,
+        **{**kwargs, "image": [kwargs["image"]] * 2, "mask_image": [mask()] * 2},
+    ).images  # fmt: skip
+    assert pipe.unet.config.in_channels == 9 and ours.shape == (2, 4, 8, 6)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("scheduler", [None, "dpmpp_2m", "heun"])
