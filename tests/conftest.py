@@ -22,7 +22,7 @@ def _tiny_weights_only():
     build = architectures.build_components
 
     def guarded(architecture, seed=0, overrides=None, *, empty=False):
-        arch = architecture if isinstance(architecture, architectures.Architecture) else architectures.get_preset(architecture)
+        arch = architectures.get_preset(architecture) if isinstance(architecture, str) else architecture
         widest = max(arch.with_overrides(overrides).unet["block_out_channels"])
         if not empty and widest >= 320:  # SD's and SDXL's U-Nets start at 320 channels; the test presets at 32
             raise RealSizeModel(f"a test asked for random weights of {arch.name!r} (U-Net {widest} channels wide): "
