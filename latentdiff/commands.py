@@ -66,6 +66,8 @@ def generate(args) -> int:
     overrides = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
+        "prompt_2": args.prompt_2,
+        "negative_prompt_2": args.negative_2,
         "num_inference_steps": args.steps,
         "guidance_scale": args.cfg,
         "guidance_rescale": args.rescale,
@@ -214,16 +216,16 @@ def info(args) -> int:
         return 0
     print(f"source: {json.dumps(described['source'])}")
     print(f"weight hash: {described['weight_hash']}")
-    print(f"default size: {described['default_size'][0]}x{described['default_size'][1]}, "
+    print(f"family: {described['family']}, default size: {described['default_size'][0]}x{described['default_size'][1]}, "
           f"prediction: {described['prediction_type']}")  # fmt: skip
     total = 0
     for name, part in described["components"].items():
         if "parameters" in part:
             total += part["parameters"]
-            print(f"  {name:<13} {part['class']:<22} {part['parameters']:>14,} params  {part['dtype']}")
+            print(f"  {name:<14} {part['class']:<27} {part['parameters']:>14,} params  {part['dtype']}")
         else:
-            print(f"  {name:<13} {part['class']:<22} vocabulary {part['vocab_size']:,}")
-    print(f"  {'total':<13} {'':<22} {total:>14,} params")
+            print(f"  {name:<14} {part['class']:<27} vocabulary {part['vocab_size']:,}")
+    print(f"  {'total':<14} {'':<27} {total:>14,} params")
     print("scheduler config:")
     for key, value in sorted(described["scheduler"].items()):
         print(f"  {key} = {json.dumps(value)}")

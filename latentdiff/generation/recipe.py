@@ -24,6 +24,10 @@ CALL_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
     "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip", "image", "strength",
     "hires_scale", "hires_strength", "hires_upscale", "mask_image",
+    # SDXL
+    "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+    "negative_original_size", "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+    "negative_aesthetic_score", "denoising_start", "denoising_end",
 )  # fmt: skip
 
 
@@ -60,13 +64,23 @@ def image_params(pipe, request) -> list[dict[str, Any]]:
     if request.hires_scale is not None:
         base.update(hires_scale=request.hires_scale, hires_strength=request.hires_strength,
                     hires_upscale=request.hires_upscale)  # fmt: skip
+    # SDXL: what was given (the rest follows from the size, as it did here)
+    base.update({k: list(v) if isinstance(v, tuple) else v for k, v in (request.micro or {}).items() if v is not None})
+    for key in ("denoising_start", "denoising_end"):
+        if getattr(request, key) is not None:
+            base[key] = getattr(request, key)
     n = request.n
     params = [
         {"prompt": request.prompts[i // n], "negative_prompt": request.negatives[i // n], "seed": seed, **base}
         for i, seed in enumerate(request.seeds)
     ]
+    for key, texts in (("prompt_2", request.prompts_2), ("negative_prompt_2", request.negatives_2)):
+        if texts is not None:
+            for i, p in enumerate(params):
+                p[key] = texts[i // n]
     if request.images is not None:  # which input each image came from (a path, or only its hash)
-        for p, name, image in zip(params, request.per_image(request.image_names), request.per_image(request.images)):
+        names = request.per_image(request.image_names) or [None] * request.total  # (latents have no file)
+        for p, name, image in zip(params, names, request.per_image(request.images)):
             p["image"], p["image_hash"] = name, image_hash(image)
         if request.masks is not None:
             for p, name, mask in zip(params, request.per_image(request.mask_names), request.per_image(request.masks)):
