@@ -23,7 +23,7 @@ PNG_KEY = "latentdiff"
 CALL_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
     "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip", "image", "strength",
-    "hires_scale", "hires_strength", "hires_upscale", "mask_image",
+    "hires_scale", "hires_strength", "hires_upscale", "mask_image", "cache_interval", "cache_branch",
 )  # fmt: skip
 
 
@@ -60,6 +60,10 @@ def image_params(pipe, request) -> list[dict[str, Any]]:
     if request.hires_scale is not None:
         base.update(hires_scale=request.hires_scale, hires_strength=request.hires_strength,
                     hires_upscale=request.hires_upscale)  # fmt: skip
+    if request.cache_interval is not None:  # feature caching changes the image: part of the recipe
+        base.update(cache_interval=request.cache_interval, cache_branch=request.cache_branch)
+    if request.guidance_embedding_dim is not None:  # an LCM-distilled U-Net: guidance_scale went in as an embedding
+        base["guidance_embedding"] = True
     n = request.n
     params = [
         {"prompt": request.prompts[i // n], "negative_prompt": request.negatives[i // n], "seed": seed, **base}

@@ -61,6 +61,22 @@ def rescale_guidance(eps_cfg: torch.Tensor, eps_cond: torch.Tensor, phi: float) 
     return phi * rescaled + (1.0 - phi) * eps_cfg
 
 
+def guidance_embedding(guidance_scale: float, embedding_dim: int, batch: int) -> torch.Tensor:
+    """The guidance-scale embedding an LCM-distilled U-Net takes as ``timestep_cond``: (batch, embedding_dim).
+
+    Luo et al. 2023 ("Latent Consistency Models", Sec. 4.2) condition the student on the guidance
+    scale w through a sinusoidal embedding of w, added to its timestep embedding. diffusers' LCM
+    pipelines embed w = guidance_scale - 1 (their CFG formula is eps_u + s (eps_c - eps_u), the
+    paper's is eps_c + w (eps_c - eps_u)); this calls the very function they use, so the embedding
+    is theirs to the bit. The trainer's distillation embeds its sampled scales with it too.
+    """
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.full((batch,), float(guidance_scale) - 1.0)
+    # (an instance method that reads nothing from the instance)
+    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=embedding_dim)
+
+
 def step_kwargs(scheduler, generators: list[torch.Generator], eta: float) -> dict:
     """Keyword arguments ``scheduler.step`` accepts: the per-image generators and, for DDIM, eta."""
     accepted = inspect.signature(scheduler.step).parameters
@@ -88,6 +104,7 @@ def denoise(
     progress: Optional[bool] = False,
     timesteps: Optional[torch.Tensor] = None,
     inpaint: Optional[Inpaint] = None,
+    timestep_cond: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps over ``latents`` (B, C, h, w) and return z_0.
 
@@ -95,6 +112,8 @@ def denoise(
     unconditional predictions come from one batched U-Net call on 2B latents (Ho & Salimans
     2022): eps = eps_u + s * (eps_c - eps_u). With ``uncond`` None there is one pass on B.
     ``timesteps`` defaults to all of the scheduler's (image-to-image runs only the last ones).
+    ``timestep_cond`` (B, D): the guidance embedding of an LCM-distilled U-Net (:func:`guidance_embedding`),
+    which then has no unconditional pass.
     """
     embeds = cond if uncond is None else torch.cat([uncond, cond])  # (B or 2B, L, D)
     channels = None  # 9-channel inpainting input: mask and masked-image latents, for each pass
@@ -102,6 +121,7 @@ def denoise(
         channels = torch.cat([inpaint.mask, inpaint.masked_latents], dim=1)  # (B, 5, h, w)
         channels = channels if uncond is None else torch.cat([channels, channels])
     extra = step_kwargs(scheduler, generators, eta)
+    conditioning = {} if timestep_cond is None else {"timestep_cond": timestep_cond.to(latents.device, latents.dtype)}
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     # No host-device sync inside the loop: the scheduler and the callback read the timesteps from
     # one host copy made here (its tables are on the host, so indexing them with a device tensor,
@@ -119,7 +139,7 @@ def denoise(
         model_in = scheduler.scale_model_input(model_in, t_host)
         if channels is not None:
             model_in = torch.cat([model_in, channels], dim=1)
-        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False, **conditioning)[0]
         if uncond is not None:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
