@@ -94,3 +94,32 @@ def test_sdxl_style_unet():
     assert cache.calls == 3 and cache.full_calls == 1
     fresh = {n for n, c in counts.items() if len(c) == 3}  # branch 1: the last two layers of the last up block
     assert fresh == {"conv_in", "up_blocks.1.resnets.1", "up_blocks.1.resnets.2", "down_blocks.0.resnets.0"}
+
+
+def test_a_cached_call_is_the_shallow_path_on_the_kept_feature(tiny):
+    """What branch 0 keeps, in closed form (DeepCache's Eq. 3-4 on the tiny layout, whose last up block is
+    an UpBlock2D of two resnets): a cached call at (x2, t2) is conv_out(act(norm(R1(cat[h, conv_in(x2)],
+    emb(t2))))), where h is the output of that block's first resnet R0 at the last full call (x1, t1) and
+    conv_in(x2) is the first skip connection. Built here from diffusers' own modules, not FeatureCache."""
+    unet = tiny.unet
+    up = unet.up_blocks[-1]
+    assert type(up).__name__ == "UpBlock2D" and len(up.resnets) == 2 and up.upsamplers is None
+    generator = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    text1, text2 = torch.randn(2, 77, 32, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    t1, t2 = torch.tensor([801, 801]), torch.tensor([601, 601])
+    kept = {}
+    hook = up.resnets[0].register_forward_hook(lambda module, args, output: kept.__setitem__("h", output))
+    with torch.no_grad():
+        unet(x1, t1, text1)
+        hook.remove()
+        emb = unet.time_embedding(unet.time_proj(t2).to(x2.dtype))  # (B, 4 * C0)
+        shallow = up.resnets[1](torch.cat([kept["h"], unet.conv_in(x2)], dim=1), emb)
+        expected = unet.conv_out(unet.conv_act(unet.conv_norm_out(shallow)))
+        with FeatureCache(unet, interval=2, branch=0) as cache:
+            first = unet(x1, t1, text1).sample
+            second = unet(x2, t2, text2).sample
+        plain1, plain2 = unet(x1, t1, text1).sample, unet(x2, t2, text2).sample
+    assert cache.full_calls == 1 and torch.equal(first, plain1)
+    torch.testing.assert_close(second, expected, atol=1e-6, rtol=0)
+    assert (second - plain2).abs().max() > 1e-3  # the deep path really was not recomputed
