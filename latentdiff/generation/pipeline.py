@@ -434,7 +434,7 @@ class LatentDiffusion:
                 latents, timesteps = img2img_start(self, start, size, gens, sched, request.steps, strength)
             timestep_cond = None
             if request.guidance_embedding_dim is not None:  # LCM-distilled U-Net: (B, D), no unconditional pass
-                timestep_cond = guidance_embedding(request.guidance_scale, request.guidance_embedding_dim, len(images))
+                timestep_cond = guidance_embedding([request.guidance_scale] * len(images), request.guidance_embedding_dim)
             with self._feature_cache(request):
                 latents = denoise(
                     self.unet, sched, latents, cond.repeat_interleave(n, dim=0),

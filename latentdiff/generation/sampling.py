@@ -61,18 +61,19 @@ def rescale_guidance(eps_cfg: torch.Tensor, eps_cond: torch.Tensor, phi: float) 
     return phi * rescaled + (1.0 - phi) * eps_cfg
 
 
-def guidance_embedding(guidance_scale: float, embedding_dim: int, batch: int) -> torch.Tensor:
-    """The guidance-scale embedding an LCM-distilled U-Net takes as ``timestep_cond``: (batch, embedding_dim).
+def guidance_embedding(guidance_scales, embedding_dim: int) -> torch.Tensor:
+    """The guidance-scale embedding an LCM-distilled U-Net takes as ``timestep_cond``: (B, embedding_dim)
+    for ``guidance_scales`` (B,) (a sequence or tensor of the pipeline's scales, 1 = no guidance).
 
     Luo et al. 2023 ("Latent Consistency Models", Sec. 4.2) condition the student on the guidance
     scale w through a sinusoidal embedding of w, added to its timestep embedding. diffusers' LCM
     pipelines embed w = guidance_scale - 1 (their CFG formula is eps_u + s (eps_c - eps_u), the
-    paper's is eps_c + w (eps_c - eps_u)); this calls the very function they use, so the embedding
-    is theirs to the bit. The trainer's distillation embeds its sampled scales with it too.
+    paper's eps_c + w (eps_c - eps_u)); this calls the very function they use, so the embedding is
+    theirs to the bit. The trainer's distillation embeds its sampled scales with it too.
     """
     from diffusers import LatentConsistencyModelPipeline
 
-    w = torch.full((batch,), float(guidance_scale) - 1.0)
+    w = (torch.as_tensor(guidance_scales, dtype=torch.float64).cpu().reshape(-1) - 1).float()  # (B,), as diffusers rounds it
     # (an instance method that reads nothing from the instance)
     return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=embedding_dim)
 

@@ -76,6 +76,8 @@ def loop(run: Run) -> None:
             run.lr_scheduler.step()
         if run.ema is not None:
             run.ema.step(run.params)
+        if run.distill is not None:  # the target network follows the student
+            run.distill.target.step(run.params)
         if steps.every(config.train.log_every) or steps.finished:
             mean = acc.reduce(interval_loss / interval_count, reduction="mean").item()
             elapsed = time.perf_counter() - interval_start
@@ -112,16 +114,19 @@ def batch_loss(run: Run, batch: dict[str, torch.Tensor], micro: int) -> torch.Te
         return draw_global(size, step_seed(seed, micro, what), device, session.rank, per_rank, kind)
 
     latents = (mean + std * draw("posterior")) * pipe.vae.config.scaling_factor  # z_0 ~ q(z | x), scaled
-    noise = draw("noise")
-    if config.objective.noise_offset:
-        noise = noise + config.objective.noise_offset * draw("offset", (shape[0], shape[1], 1, 1))
-    timesteps = draw("timesteps", (shape[0],), run.noise_scheduler.config.num_train_timesteps)
-    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t = a_t z_0 + s_t eps
     if "text_embeds" in batch:
         cond = batch["text_embeds"].to(device, non_blocking=True)
     else:
         with torch.set_grad_enabled(run.train_text_encoder):
             cond = run.text_encoder(batch["input_ids"].to(device, non_blocking=True))[0]  # (B, 77, D)
+    if run.distill is not None:  # latent consistency distillation (distill.py)
+        student = session.accelerator.unwrap_model(run.unet)
+        return run.distill.loss(run.unet, student, latents, cond.to(latents.dtype), draw, shape[0])
+    noise = draw("noise")
+    if config.objective.noise_offset:
+        noise = noise + config.objective.noise_offset * draw("offset", (shape[0], shape[1], 1, 1))
+    timesteps = draw("timesteps", (shape[0],), run.noise_scheduler.config.num_train_timesteps)
+    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t = a_t z_0 + s_t eps
     pred = run.unet(noisy, timesteps, cond.to(noisy.dtype)).sample
     return diffusion_loss(pred, latents, noise, timesteps, run.noise_scheduler, config.objective.snr_gamma).mean()
 
@@ -136,5 +141,5 @@ def save_checkpoint(run: Run) -> None:
         "processes": session.world,
     }
     path = checkpoints.save(session.accelerator, session.out, run.steps.step, state, to_toml(config),
-                            config.checkpoint.keep, checkpoint_objects(run.lr_scheduler, run.ema))  # fmt: skip
+                            config.checkpoint.keep, checkpoint_objects(run.lr_scheduler, run.ema, run.distill))  # fmt: skip
     session.say(f"saved {path.name}")
