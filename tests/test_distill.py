@@ -137,7 +137,7 @@ def test_lcm_lora_two_processes_equal_one_and_diffusers_runs_it(tiny_dir, shapes
                "--set", "train.batch_size=1"]  # fmt: skip
     for item in DISTILL + common:
         command += ["--set", item]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     one = train(config(shapes, tiny_dir, tmp_path / "one", "train.batch_size=2", *common))
     two = load_file(tmp_path / "two" / "lora.safetensors")

@@ -298,10 +298,14 @@ def choose_trained(session: Session, pipe) -> tuple[list[torch.nn.Module], bool]
     if lora.enabled:
         from ..models.lora import add_lora_adapter
 
-        add_lora_adapter(unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.unet_targets)
-        if train_te:
-            add_lora_adapter(te, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                             targets=lora.text_encoder_targets)  # fmt: skip
+        # A's Gaussian start from the run's seed, not from whatever the global RNG holds by now: the same
+        # run in a fresh process, in a test process, or as rank 0 of many (DDP copies rank 0's to the rest)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.train.seed)
+            add_lora_adapter(unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.unet_targets)
+            if train_te:
+                add_lora_adapter(te, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                 targets=lora.text_encoder_targets)  # fmt: skip
     elif train_unet:
         unet.requires_grad_(True)
     if train_te and not lora.enabled:
