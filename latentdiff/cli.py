@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resolution enhancement: make the image, upscale it by FACTOR (e.g. 2x), refine it")  # fmt: skip
     g.add_argument("--hires-strength", type=float, default=None, help="refinement strength for --hires (default 0.5)")
     g.add_argument("--hires-upscale", choices=["latent", "pixel"], default=None, help="upscale latents or pixels (default latent)")
+    g.add_argument("--lcm", action="store_true",
+                   help="the default model with its LCM-LoRA: the lcm sampler, 4 steps, no guidance (unless given)")  # fmt: skip
+    g.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="U-Net feature caching (DeepCache): a full U-Net call every N steps, the shallow path between")  # fmt: skip
+    g.add_argument("--cache-branch", type=int, default=None, metavar="B",
+                   help="where the cached steps' shallow path branches off (default 0, the shallowest and fastest)")  # fmt: skip
     g.add_argument("--clip-skip", type=int, default=None, help="skip the last N text-encoder layers (default 0; the web UIs' 'clip skip 2' is 1 here)")
     g.add_argument("--from-png", default=None, metavar="FILE", help="remake the image whose recipe FILE carries")
     g.add_argument("-o", "--output", default=".", help="FILE.png, or a folder (default: current folder)")

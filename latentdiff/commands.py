@@ -81,7 +81,18 @@ def generate(args) -> int:
         "hires_scale": args.hires,
         "hires_strength": args.hires_strength,
         "hires_upscale": args.hires_upscale,
+        "cache_interval": args.cache_interval,
+        "cache_branch": args.cache_branch,
     }
+    if args.lcm:  # the default model's LCM-LoRA: its sampler, steps and guidance unless given
+        from .generation.pipeline import LCM_CALL, check_default_lcm_lora
+
+        if model is not None or preset is not None or args.from_png:
+            raise InvalidInputError("--lcm uses the default model's LCM-LoRA; for another model pass its LCM-LoRA "
+                                    "with --lora FILE --scheduler lcm --steps 4 --cfg 1")  # fmt: skip
+        check_default_lcm_lora()
+        overrides = {**{k: overrides[k] if overrides[k] is not None else v for k, v in LCM_CALL.items()},
+                     **{k: v for k, v in overrides.items() if k not in LCM_CALL}}  # fmt: skip
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size
     request.update({k: v for k, v in overrides.items() if v is not None})
@@ -102,6 +113,10 @@ def generate(args) -> int:
     set_threads(args.threads, device)
     pipe = _load(model, preset, preset_seed, variant).to(device, getattr(torch, dtype))
     pipe.limits = limits
+    if args.lcm:
+        from .generation.pipeline import DEFAULT_LCM_LORA
+
+        pipe.load_lora(DEFAULT_LCM_LORA, name="lcm")
     _apply_loras(pipe, args.lora, recipe.get("loras") if args.from_png else None)
     if args.fast:  # after the LoRAs; half precision on CUDA unless a dtype was asked for (or the recipe names one)
         pipe.optimize(dtype=dtype if (args.dtype or recipe.get("dtype")) else None)

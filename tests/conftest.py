@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
+from PIL import Image, ImageDraw
 
 from helpers import NetworkUsed, RealSizeModel
 from latentdiff import LatentDiffusion
@@ -33,6 +35,23 @@ def _tiny_weights_only():
         patch.setattr(architectures, "build_components", guarded)
         patch.setattr(single_file, "build_components", guarded)  # (imported there by name)
         yield
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """8 captioned 64x64 pictures: a coloured circle or square on white."""
+    folder = tmp_path_factory.mktemp("shapes")
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "black": (10, 10, 10)}
+    lines = []
+    for i, (name, rgb) in enumerate(list(colours.items()) * 2):
+        shape = "circle" if i < 4 else "square"
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((16, 16, 48, 48), fill=rgb)
+        image.save(folder / f"{i}.png")
+        lines.append(f'{{"file_name": "{i}.png", "text": "a {name} {shape}"}}\n')
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    return folder
 
 
 @pytest.fixture(scope="session")

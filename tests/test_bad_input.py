@@ -80,7 +80,7 @@ def test_negative_prompt_without_guidance_warns(tiny):
         tiny("x", negative_prompt="y", guidance_scale=1.0, num_inference_steps=1, output_type="latent")
 
 
-def test_lcm_distilled_unet_is_refused_clearly():
+def test_lcm_distilled_unet_needs_the_lcm_sampler():
     from diffusers import UNet2DConditionModel
 
     from latentdiff import LatentDiffusion
@@ -88,7 +88,7 @@ def test_lcm_distilled_unet_is_refused_clearly():
 
     parts = build_components("tiny")
     parts["unet"] = UNet2DConditionModel(**PRESETS["tiny"].unet, time_cond_proj_dim=8)
-    with pytest.raises(InvalidInputError, match="LCM-distilled"):
+    with pytest.raises(InvalidInputError, match="LCM-distilled .* scheduler='lcm'"):
         LatentDiffusion(**parts, source={})("x", num_inference_steps=1)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import free_port
@@ -28,23 +28,6 @@ from latentdiff.train.vae_stage import psnr
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "training" / "configs" / "tiny-test.toml"
 WEIGHTS = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    """8 captioned 64x64 pictures: a coloured circle or square on white."""
-    folder = tmp_path_factory.mktemp("shapes")
-    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "black": (10, 10, 10)}
-    lines = []
-    for i, (name, rgb) in enumerate(list(colours.items()) * 2):
-        shape = "circle" if i < 4 else "square"
-        image = Image.new("RGB", (64, 64), (255, 255, 255))
-        draw = ImageDraw.Draw(image)
-        (draw.ellipse if shape == "circle" else draw.rectangle)((16, 16, 48, 48), fill=rgb)
-        image.save(folder / f"{i}.png")
-        lines.append(f'{{"file_name": "{i}.png", "text": "a {name} {shape}"}}\n')
-    (folder / "metadata.jsonl").write_text("".join(lines))
-    return folder
 
 
 def config(shapes: Path, out: Path, *overrides: str) -> TrainConfig:

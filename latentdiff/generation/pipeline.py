@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -21,12 +22,27 @@ from .recipe import image_params
 from .request import Request, hires_size, micro_conditioning
 from .result import GenerationResult
 from .samplers import fresh_scheduler, scheduler_from_config
-from .sampling import Conditioning, StepCallback, denoise, initial_latents, make_generators
-from .starts import img2img_start, inpaint_start, end_timesteps, known_pixels, pixel_processor
+from .sampling import Conditioning, StepCallback, denoise, guidance_embedding, initial_latents, make_generators
+from .starts import end_timesteps, img2img_start, inpaint_start, known_pixels, pixel_processor
 from .vae import VaeOptions
 from .vae import decode as vae_decode
 
 DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "assets" / "default_model"  # latentdiff/assets
+# The default model's LCM-LoRA (distilled by training/configs/lcm-default-model.toml): from_pretrained(lcm=True), --lcm
+DEFAULT_LCM_LORA = Path(__file__).parents[1] / "assets" / "default_model_lcm" / "lora.safetensors"
+# What a call with an LCM-LoRA takes: the lcm sampler, few steps, no guidance pass
+LCM_CALL = {"scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
+
+
+def check_default_lcm_lora() -> Path:
+    """``DEFAULT_LCM_LORA``, or the one-line error that it is not shipped yet."""
+    if not DEFAULT_LCM_LORA.is_file():
+        raise MissingFileError(
+            f"the default model's LCM-LoRA is not shipped yet ({DEFAULT_LCM_LORA} is missing): distil it with "
+            "latentdiff train --config training/configs/lcm-default-model.toml (see training/README.md), or "
+            "run the default model without --lcm"
+        )
+    return DEFAULT_LCM_LORA
 
 
 class LatentDiffusion:
@@ -80,16 +96,27 @@ class LatentDiffusion:
         *,
         dtype: Union[torch.dtype, str, None] = None,
         variant: Optional[str] = None,
+        lcm: bool = False,
     ) -> "LatentDiffusion":
         """Load a diffusers-format SD 1.x / 2.x folder; with no path, the embedded default model.
 
         Never touches the network. ``dtype`` (a torch.dtype or its name, e.g. ``"float16"``) applies
         to every part; None loads float32. ``variant`` picks files such as ``*.fp16.safetensors``.
         A path to a single ``.safetensors`` / ``.ckpt`` file is passed on to :meth:`from_single_file`.
+        ``lcm=True`` (no path) adds the default model's LCM-LoRA (``DEFAULT_LCM_LORA``, LoRA name
+        ``lcm``): call it with ``**LCM_CALL`` (the ``lcm`` sampler, 4 steps, guidance 1).
         """
         dtype = torch_dtype(dtype)
         if path is not None and not isinstance(path, (str, Path)):
             raise InvalidInputError(f"from_pretrained takes a model folder path (str or Path) or None, got {type(path).__name__}")
+        if lcm:
+            if path is not None:
+                raise InvalidInputError("lcm=True adds the default model's LCM-LoRA; for another model, load its "
+                                        "LCM-LoRA with pipe.load_lora(PATH) and call with scheduler='lcm'")  # fmt: skip
+            check_default_lcm_lora()
+            pipe = cls.from_pretrained(dtype=dtype)
+            pipe.load_lora(DEFAULT_LCM_LORA, name="lcm")
+            return pipe
         if path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise MissingFileError(
@@ -336,6 +363,8 @@ class LatentDiffusion:
         negative_aesthetic_score: Optional[float] = None,
         denoising_start: Optional[float] = None,
         denoising_end: Optional[float] = None,
+        cache_interval: Optional[int] = None,
+        cache_branch: Optional[int] = None,
     ) -> GenerationResult:
         """Text to image.
 
@@ -382,6 +411,13 @@ class LatentDiffusion:
         first f of the schedule (take ``output_type="latent"``); the refiner, called with those
         latents as ``image=`` and ``denoising_start`` = f, runs the rest of the schedule without
         adding noise (``strength`` is then unused). Each image keeps its seed in both calls.
+
+        Feature caching (DeepCache, ``feature_cache.py``): with ``cache_interval`` N the U-Net runs in
+        full every N steps and only its shallow path in between, reusing its deep features;
+        ``cache_branch`` (default 0, the shallowest) picks where the shallow path branches off.
+
+        LCM-distilled U-Nets (``time_cond_proj_dim`` set) run with ``scheduler="lcm"`` and take
+        ``guidance_scale`` as an embedding: there is no unconditional pass.
         """
         # 1. check the request and expand it to one entry per image (request.py)
         arguments = dict(locals())  # (the first statement: nothing but the arguments is local yet)
@@ -527,16 +563,29 @@ class LatentDiffusion:
                                                    denoising_start=request.denoising_start)  # fmt: skip
             if request.denoising_end is not None:
                 timesteps = end_timesteps(sched, timesteps, request.denoising_end)
-            latents = denoise(
-                self.unet, sched, latents, group.cond.repeat_interleave(n, dim=0),
-                None if group.uncond is None else group.uncond.repeat_interleave(n, dim=0),
-                guidance_scale=request.guidance_scale, guidance_rescale=request.guidance_rescale, eta=request.eta,
-                generators=gens, timesteps=timesteps, inpaint=inpaint, callback=request.callback,
-                progress=request.progress, added=self._added_conditioning(request, group, size, n),
-            )  # fmt: skip
+            timestep_cond = None
+            if request.guidance_embedding_dim is not None:  # LCM-distilled U-Net: (B, D), no unconditional pass
+                timestep_cond = guidance_embedding([request.guidance_scale] * len(images), request.guidance_embedding_dim)
+            with self._feature_cache(request):
+                latents = denoise(
+                    self.unet, sched, latents, group.cond.repeat_interleave(n, dim=0),
+                    None if group.uncond is None else group.uncond.repeat_interleave(n, dim=0),
+                    guidance_scale=request.guidance_scale, guidance_rescale=request.guidance_rescale, eta=request.eta,
+                    generators=gens, timesteps=timesteps, inpaint=inpaint, callback=request.callback,
+                    progress=request.progress, added=self._added_conditioning(request, group, size, n),
+                    timestep_cond=timestep_cond,
+                )  # fmt: skip
             for m, z in zip(images, latents):
                 finished[m] = z
         return torch.stack(finished)
+
+    def _feature_cache(self, request: Request):
+        """The U-Net feature cache for one denoising run (``feature_cache.py``), or nothing without one."""
+        if request.cache_interval is None:
+            return contextlib.nullcontext()
+        from .feature_cache import FeatureCache
+
+        return FeatureCache(self.unet, request.cache_interval, request.cache_branch)
 
     def _check_finite(self, values: torch.Tensor, request: Request, what: str) -> None:
         """Raise ``NonFiniteResultError`` naming the likely cause if ``values`` hold NaN or inf."""

@@ -23,7 +23,7 @@ PNG_KEY = "latentdiff"
 CALL_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
     "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip", "image", "strength",
-    "hires_scale", "hires_strength", "hires_upscale", "mask_image",
+    "hires_scale", "hires_strength", "hires_upscale", "mask_image", "cache_interval", "cache_branch",
     # SDXL
     "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
     "negative_original_size", "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
@@ -69,6 +69,10 @@ def image_params(pipe, request) -> list[dict[str, Any]]:
     for key in ("denoising_start", "denoising_end"):
         if getattr(request, key) is not None:
             base[key] = getattr(request, key)
+    if request.cache_interval is not None:  # feature caching changes the image: part of the recipe
+        base.update(cache_interval=request.cache_interval, cache_branch=request.cache_branch)
+    if request.guidance_embedding_dim is not None:  # an LCM-distilled U-Net: guidance_scale went in as an embedding
+        base["guidance_embedding"] = True
     n = request.n
     params = [
         {"prompt": request.prompts[i // n], "negative_prompt": request.negatives[i // n], "seed": seed, **base}

@@ -73,6 +73,10 @@ class Request:
     micro: Optional[dict] = None  # micro-conditioning arguments as given (None values: the defaults)
     denoising_start: Optional[float] = None  # fraction of the schedule already done in the input (hand-off)
     denoising_end: Optional[float] = None  # fraction of the schedule after which to stop
+    # an LCM-distilled U-Net takes the guidance scale as an embedding (its time_cond_proj_dim), not as a second pass
+    guidance_embedding_dim: Optional[int] = None
+    cache_interval: Optional[int] = None  # U-Net feature caching (feature_cache.py): a full U-Net call every N
+    cache_branch: Optional[int] = None
 
     @property
     def total(self) -> int:
@@ -81,8 +85,9 @@ class Request:
 
     @property
     def guided(self) -> bool:
-        """Whether there is an unconditional pass (classifier-free guidance)."""
-        return self.guidance_scale > 1.0
+        """Whether there is an unconditional pass (classifier-free guidance); an LCM-distilled U-Net
+        takes the guidance scale as an embedding instead."""
+        return self.guidance_scale > 1.0 and self.guidance_embedding_dim is None
 
     def per_image(self, inputs: Optional[list]) -> Optional[list]:
         """One entry per image from ``inputs`` given once for all prompts or once per prompt (latents
@@ -112,11 +117,6 @@ class Request:
                 f"this U-Net takes {pipe.unet.config.in_channels} input channels (an inpainting model); "
                 "give image= and mask_image="
             )
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            raise InvalidInputError(
-                "this U-Net takes a guidance embedding (an LCM-distilled model); latentdiff does not run such "
-                "models yet: use a standard SD 1.x / 2.x U-Net"
-            )
 
         # scheduler
         from .sampling import step_kwargs
@@ -124,6 +124,19 @@ class Request:
         scheduler, steps, eta = a["scheduler"], a["steps"], a["eta"]
         sched = fresh_scheduler(pipe, scheduler)
         sched_name = scheduler or type(sched).__name__
+        embedding_dim = pipe.unet.config.time_cond_proj_dim
+        if embedding_dim is not None and type(sched).__name__ != "LCMScheduler":
+            raise InvalidInputError(
+                f"this U-Net is LCM-distilled (it takes the guidance scale as an embedding), so it samples with "
+                f"scheduler='lcm' (--scheduler lcm) in 1-8 steps, not {sched_name}"
+            )
+        cache_branch = None
+        if a["cache_interval"] is not None:
+            from .feature_cache import branch_count
+
+            cache_branch, count = a["cache_branch"] or 0, branch_count(pipe.unet)
+            if cache_branch >= count:
+                raise InvalidInputError(f"cache_branch must be from 0 to {count - 1} for this U-Net, got {cache_branch}")
         if eta > 0 and "eta" not in step_kwargs(sched, [], eta):
             warnings.warn(f"eta={eta} has no effect with scheduler {sched_name}; use 'ddim'", stacklevel=_CALLER)
         midway = (images is not None and strength < 1.0) or hires_scale is not None  # not from pure noise
@@ -134,8 +147,9 @@ class Request:
                 "dpmpp_2m or unipc start exactly",
                 stacklevel=_CALLER,
             )
-        if a["guidance_scale"] <= 1.0 and (any(a["negatives"]) or negative_prompt_embeds is not None):
-            warnings.warn("negative_prompt has no effect when guidance_scale <= 1 (no unconditional pass)", stacklevel=_CALLER)
+        if (a["guidance_scale"] <= 1.0 or embedding_dim is not None) and (any(a["negatives"]) or negative_prompt_embeds is not None):
+            why = "an LCM-distilled U-Net embeds the guidance scale" if embedding_dim is not None else "guidance_scale <= 1"
+            warnings.warn(f"negative_prompt has no effect: {why} (no unconditional pass)", stacklevel=_CALLER)
         _warn_far_from_native(pipe, a["height"], a["width"])
         try:
             sched.set_timesteps(steps, device=pipe.device)
@@ -153,6 +167,7 @@ class Request:
             images=images, image_names=a["image_names"], masks=masks, mask_names=a["mask_names"], strength=strength,
             hires_scale=hires_scale, hires_strength=a["hires_strength"], hires_upscale=a["hires_upscale"],
             output_type=a["output_type"], callback=a["callback"], progress=a["progress"],
+            guidance_embedding_dim=embedding_dim, cache_interval=a["cache_interval"], cache_branch=cache_branch,
         )  # fmt: skip
         if request.zero_negative:  # recorded as no negative prompt, so that a remake zeros it too
             request.negatives = [None] * len(request.prompts)
@@ -301,6 +316,14 @@ def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Option
     sdxl = _check_sdxl(a, prompts, limits)
     if a["denoising_start"] is not None and images is None:
         raise InvalidInputError("denoising_start needs image= (the latents or picture to continue from)")
+    cache_interval, cache_branch = a["cache_interval"], a["cache_branch"]
+    if cache_interval is not None:
+        cache_interval = positive_int(cache_interval, "cache_interval")
+    if cache_branch is not None:
+        if cache_interval is None:
+            raise InvalidInputError("cache_branch needs cache_interval (a full U-Net call every N steps)")
+        if whole_number(cache_branch) is None or cache_branch < 0:
+            raise InvalidInputError(f"cache_branch must be a whole number of at least 0, got {cache_branch!r}")
     return {
         **{k: a[k] for k in MICRO_KEYS}, "denoising_start": a["denoising_start"], "denoising_end": a["denoising_end"],
         "prompt_embeds": prompt_embeds, **sdxl,
@@ -309,6 +332,7 @@ def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Option
         "hires_scale": hires_scale, "hires_strength": hires_strength, "hires_upscale": hires_upscale,
         "height": height, "width": width, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
         "eta": eta, "scheduler": scheduler, "output_type": a["output_type"], "callback": callback, "progress": progress,
+        "cache_interval": cache_interval, "cache_branch": cache_branch,
     }  # fmt: skip
 
 

@@ -76,6 +76,23 @@ def rescale_guidance(eps_cfg: torch.Tensor, eps_cond: torch.Tensor, phi: float) 
     return phi * rescaled + (1.0 - phi) * eps_cfg
 
 
+def guidance_embedding(guidance_scales, embedding_dim: int) -> torch.Tensor:
+    """The guidance-scale embedding an LCM-distilled U-Net takes as ``timestep_cond``: (B, embedding_dim)
+    for ``guidance_scales`` (B,) (a sequence or tensor of the pipeline's scales, 1 = no guidance).
+
+    Luo et al. 2023 ("Latent Consistency Models", Sec. 4.2) condition the student on the guidance
+    scale w through a sinusoidal embedding of w, added to its timestep embedding. diffusers' LCM
+    pipelines embed w = guidance_scale - 1 (their CFG formula is eps_u + s (eps_c - eps_u), the
+    paper's eps_c + w (eps_c - eps_u)); this calls the very function they use, so the embedding is
+    theirs to the bit. The trainer's distillation embeds its sampled scales with it too.
+    """
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = (torch.as_tensor(guidance_scales, dtype=torch.float64).cpu().reshape(-1) - 1).float()  # (B,), as diffusers rounds it
+    # (an instance method that reads nothing from the instance)
+    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=embedding_dim)
+
+
 def step_kwargs(scheduler, generators: list[torch.Generator], eta: float) -> dict:
     """Keyword arguments ``scheduler.step`` accepts: the per-image generators and, for DDIM, eta."""
     accepted = inspect.signature(scheduler.step).parameters
@@ -104,6 +121,7 @@ def denoise(
     timesteps: Optional[torch.Tensor] = None,
     inpaint: Optional[Inpaint] = None,
     added: Optional[dict[str, torch.Tensor]] = None,
+    timestep_cond: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps over ``latents`` (B, C, h, w) and return z_0.
 
@@ -113,6 +131,8 @@ def denoise(
     ``timesteps`` defaults to all of the scheduler's (image-to-image runs only the last ones).
     ``added``: SDXL's added conditioning for the U-Net (``text_embeds`` (B or 2B, D'), ``time_ids``
     (B or 2B, 5 or 6)), unconditional rows first as in ``cond`` / ``uncond``.
+    ``timestep_cond`` (B, D): the guidance embedding of an LCM-distilled U-Net (:func:`guidance_embedding`),
+    which then has no unconditional pass.
     """
     embeds = cond if uncond is None else torch.cat([uncond, cond])  # (B or 2B, L, D)
     channels = None  # 9-channel inpainting input: mask and masked-image latents, for each pass
@@ -121,6 +141,8 @@ def denoise(
         channels = channels if uncond is None else torch.cat([channels, channels])
     extra = step_kwargs(scheduler, generators, eta)
     unet_extra = {} if added is None else {"added_cond_kwargs": added}
+    if timestep_cond is not None:
+        unet_extra["timestep_cond"] = timestep_cond.to(latents.device, latents.dtype)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     # No host-device sync inside the loop: the scheduler and the callback read the timesteps from
     # one host copy made here (its tables are on the host, so indexing them with a device tensor,

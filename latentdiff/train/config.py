@@ -119,6 +119,21 @@ class VaeStageConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Latent consistency distillation (Luo et al. 2023, see ``distill.py``): ``model.path`` is the
+    teacher; the student is the U-Net trained in full (``model.train_unet``) or as a LoRA (``lora``)."""
+
+    enabled: bool = False
+    # the teacher's classifier-free guidance scale, drawn for each sample from [min, max] (the pipeline's
+    # scale: 1 = no guidance); a full student learns to take it as an embedding, a LoRA learns one average
+    guidance_min: float = 3.0
+    guidance_max: float = 13.0
+    guidance_embedding_dim: int = 256  # full students: the U-Net's time_cond_proj_dim (0: no guidance input)
+    target_decay: float = 0.95  # EMA rate of the target network (the paper's mu)
+    huber_c: float = 0.001  # pseudo-Huber loss sqrt(d^2 + c^2) - c
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -129,6 +144,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     vae: VaeStageConfig = field(default_factory=VaeStageConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @classmethod
     def load(cls, path=None, overrides=()) -> "TrainConfig":
@@ -198,3 +214,21 @@ def check_config(config: TrainConfig) -> None:
          f"vae.batch_size and vae.lr must be positive, got {config.vae.batch_size} and {config.vae.lr}")  # fmt: skip
     need(0 <= config.vae.decay_steps <= config.vae.steps,
          f"vae.decay_steps must be from 0 to vae.steps ({config.vae.steps}), got {config.vae.decay_steps}")  # fmt: skip
+    if config.distill.enabled:
+        _check_distill(config, need)
+
+
+def _check_distill(config: TrainConfig, need) -> None:
+    d, obj = config.distill, config.objective
+    need(bool(config.model.path), "distill.enabled needs the teacher: model.path (a model folder, or \"default\")")
+    need(not config.model.train_text_encoder, "distillation trains the U-Net only; set model.train_text_encoder = false")
+    need(not (obj.prediction_type or obj.noise_schedule or obj.zero_terminal_snr or obj.snr_gamma or obj.noise_offset),
+         "distillation follows the teacher's own noise schedule and prediction; leave objective.prediction_type, "
+         "noise_schedule, zero_terminal_snr, snr_gamma and noise_offset unset")  # fmt: skip
+    need(1.0 <= d.guidance_min <= d.guidance_max <= 100.0,
+         f"distill.guidance_min and guidance_max must satisfy 1 <= min <= max <= 100, got {d.guidance_min} and {d.guidance_max}")  # fmt: skip
+    need(d.guidance_embedding_dim >= 0, f"distill.guidance_embedding_dim must be 0 (none) or more, got {d.guidance_embedding_dim}")
+    need(0.0 <= d.target_decay < 1.0, f"distill.target_decay must be in [0, 1), got {d.target_decay}; 0.95 is the paper's")
+    need(d.huber_c > 0, f"distill.huber_c must be positive, got {d.huber_c}; 0.001 is usual")
+    need(not (config.validation.prompts and config.validation.scheduler != "lcm"),
+         "a distilled model samples with the lcm sampler: set validation.scheduler = \"lcm\" (and steps 1-8)")  # fmt: skip

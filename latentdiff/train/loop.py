@@ -77,6 +77,8 @@ def loop(run: Run) -> None:
             run.lr_scheduler.step()
         if run.ema is not None:
             run.ema.step(run.params)
+        if run.distill is not None:  # the target network follows the student
+            run.distill.target.step(run.params)
         if steps.every(config.train.log_every) or steps.finished:
             mean = acc.reduce(interval_loss / interval_count, reduction="mean").item()
             elapsed = time.perf_counter() - interval_start
@@ -113,17 +115,20 @@ def batch_loss(run: Run, batch: dict[str, torch.Tensor], micro: int) -> torch.Te
         return draw_global(size, step_seed(seed, micro, what), device, session.rank, per_rank, kind)
 
     latents = (mean + std * draw("posterior")) * pipe.vae.config.scaling_factor  # z_0 ~ q(z | x), scaled
-    noise = draw("noise")
-    if config.objective.noise_offset:
-        noise = noise + config.objective.noise_offset * draw("offset", (shape[0], shape[1], 1, 1))
-    timesteps = draw("timesteps", (shape[0],), run.noise_scheduler.config.num_train_timesteps)
-    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t = a_t z_0 + s_t eps
     if "text_embeds" in batch:
         cond, pooled = batch["text_embeds"].to(device, non_blocking=True), batch.get("pooled")  # (B, 77, D), (B, D')
     else:
         ids = [batch[key] for key in ("input_ids", "input_ids_2") if key in batch]  # (B, 77) per encoder
         with torch.set_grad_enabled(run.train_text_encoder):
             cond, pooled = encode_captions(run.text_encoders, ids, pipe.sdxl)
+    if run.distill is not None:  # latent consistency distillation (distill.py)
+        student = session.accelerator.unwrap_model(run.unet)
+        return run.distill.loss(run.unet, student, latents, cond.to(latents.dtype), draw, shape[0])
+    noise = draw("noise")
+    if config.objective.noise_offset:
+        noise = noise + config.objective.noise_offset * draw("offset", (shape[0], shape[1], 1, 1))
+    timesteps = draw("timesteps", (shape[0],), run.noise_scheduler.config.num_train_timesteps)
+    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t = a_t z_0 + s_t eps
     extra = {}
     if pooled is not None:  # SDXL: the pooled text embedding and each sample's micro-conditioning
         extra["added_cond_kwargs"] = {"text_embeds": pooled.to(device, noisy.dtype),
@@ -143,5 +148,5 @@ def save_checkpoint(run: Run) -> None:
         "threads": torch.get_num_threads(),  # CPU sums split over another thread count round differently
     }
     path = checkpoints.save(session.accelerator, session.out, run.steps.step, state, to_toml(config),
-                            config.checkpoint.keep, checkpoint_objects(run.lr_scheduler, run.ema))  # fmt: skip
+                            config.checkpoint.keep, checkpoint_objects(run.lr_scheduler, run.ema, run.distill))  # fmt: skip
     session.say(f"saved {path.name}")

@@ -68,6 +68,20 @@ def diffusion_loss(
         per_sample = per_sample * weight
     return per_sample
 
+def x0_and_noise(output: torch.Tensor, z_t: torch.Tensor, timesteps: torch.Tensor, noise_scheduler):
+    """(x_0, eps) predicted by a model ``output`` at ``z_t`` (B, C, h, w) and ``timesteps`` (B,), from
+    z_t = a_t x_0 + s_t eps (a_t^2 = alpha_bar_t, s_t^2 = 1 - a_t^2) and the prediction type: eps,
+    x_0, or v = a_t eps - s_t x_0 (Salimans & Ho 2022), so x_0 = a_t z_t - s_t v and eps = a_t v + s_t z_t."""
+    abar = noise_scheduler.alphas_cumprod.to(z_t.device, torch.float32)[timesteps].view(-1, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (z_t - s * output) / a, output
+    if kind == "v_prediction":
+        return a * z_t - s * output, a * output + s * z_t
+    return output, (z_t - a * output) / s
+
+
 def step_seed(seed: int, micro_step: int, what: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{micro_step}/{what}".encode()).digest()[:7], "little")
 
@@ -76,6 +90,8 @@ def draw_global(shape, generator_seed: int, device, rank: int, per_rank: int, ki
     generator = torch.Generator(device=device).manual_seed(generator_seed)
     if kind == "normal":
         full = torch.randn(shape, generator=generator, device=device)
+    elif kind == "uniform":
+        full = torch.rand(shape, generator=generator, device=device)
     else:
         full = torch.randint(0, kind, shape, generator=generator, device=device)
     return full[rank * per_rank : (rank + 1) * per_rank]

@@ -28,6 +28,11 @@ def inference_pipe(run: Run):
     from ..generation.pipeline import LatentDiffusion
 
     acc, pipe = run.session.accelerator, run.pipe
+    scheduler_config = inference_scheduler_config(pipe.scheduler_config, run.noise_scheduler)
+    if run.distill is not None and not run.session.config.lora.enabled:  # an LCM U-Net samples with LCMScheduler
+        from .distill import lcm_scheduler_config
+
+        scheduler_config = lcm_scheduler_config(pipe.scheduler_config, run.noise_scheduler)
     return LatentDiffusion(
         unet=acc.unwrap_model(run.unet),
         vae=pipe.vae,
@@ -36,7 +41,7 @@ def inference_pipe(run: Run):
         text_encoder_2=None if run.text_encoder_2 is None else acc.unwrap_model(run.text_encoder_2),
         tokenizer_2=pipe.tokenizer_2,
         force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
-        scheduler_config=inference_scheduler_config(pipe.scheduler_config, run.noise_scheduler),
+        scheduler_config=scheduler_config,
         source={"training": str(run.session.out)},
     )
 
@@ -203,6 +208,8 @@ def model_card(config: TrainConfig, result: TrainResult, seconds: float, images:
     from .._version import __version__
 
     kind = "LoRA adapter" if config.lora.enabled else ("fine-tuned" if config.model.path else "trained from scratch")
+    if config.distill.enabled:  # Luo et al. 2023: sample with the lcm sampler, 1-8 steps
+        kind = "LCM-LoRA" if config.lora.enabled else "LCM-distilled"
     base = config.model.path or f"random weights of preset '{config.model.preset}' (seed {config.model.init_seed})"
     rows = [
         ("base", base),

@@ -149,8 +149,8 @@ def load_model(config: TrainConfig):
 
     model = config.model
     vae = load_vae(model.vae_path) if model.vae_path else None
-    if model.path:
-        pipe = LatentDiffusion.from_pretrained(model.path)
+    if model.path:  # "default": the embedded default model
+        pipe = LatentDiffusion.from_pretrained(None if model.path == "default" else model.path)
     else:
         from ..models.architectures import build_components
 
@@ -229,6 +229,7 @@ class Run:
     ema: Any  # diffusers' EMAModel over `params`, or None
     steps: Steps  # where the stage stands (from the checkpoint on a resume), and its wall time
     text_encoder_2: Any = None  # SDXL's second text encoder, as text_encoder
+    distill: Any = None  # distill.Distiller: teacher, target network and loss of a distillation run, or None
 
     @property
     def text_encoders(self) -> list:
@@ -239,7 +240,14 @@ class Run:
 def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
     """Everything the U-Net loop needs, in the order it must be made (see the module docstring)."""
     config, acc = session.config, session.accelerator
+    distiller = teacher = None
+    if config.distill.enabled:  # the student starts as the teacher (distill.py)
+        from .distill import Distiller, make_student
+
+        teacher = make_student(pipe, config)
     modules, train_te = choose_trained(session, pipe)
+    if config.distill.enabled:
+        distiller = Distiller(session, pipe, noise_scheduler, teacher)
     started = time.perf_counter()
     cache = fill_cache(session, pipe, data, train_te)
     session.result.cache_seconds = time.perf_counter() - started
@@ -265,20 +273,22 @@ def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=config.train.ema_decay)
+    if distiller is not None:
+        distiller.attach_target(acc.unwrap_model(modules[0]), params)
     # The LR schedule is stepped by us once per optimizer step (accelerate's wrapper would step it once
     # per process). It and the EMA are saved with the checkpoint by checkpoints.save, as JSON +
     # safetensors: registered with accelerate they would be pickles that resuming loads with
     # weights_only=False (code a stranger put in the folder would run).
     if config.lora.enabled:
         acc.register_save_state_pre_hook(_keep_trainable_weights)
-    objects = checkpoint_objects(lr_scheduler, ema)
+    objects = checkpoint_objects(lr_scheduler, ema, distiller)
     state = _resume(session, global_batch, objects)
     return Run(
         session=session, pipe=pipe, noise_scheduler=noise_scheduler, data=data, dataset=dataset, batches=batches,
         loader_kwargs=loader_kwargs, global_batch=global_batch, modules=modules,
         unet=_prepared_or_frozen(acc, modules, pipe.unet), text_encoder=_prepared_or_frozen(acc, modules, pipe.text_encoder),
         text_encoder_2=_prepared_or_frozen(acc, modules, pipe.text_encoder_2), train_text_encoder=train_te, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-        steps=session.steps(config.train.max_steps, "training", state),
+        steps=session.steps(config.train.max_steps, "training", state), distill=distiller,
     )  # fmt: skip
 
 
@@ -295,11 +305,15 @@ def choose_trained(session: Session, pipe) -> tuple[list[torch.nn.Module], bool]
     if lora.enabled:
         from ..models.lora import add_lora_adapter
 
-        add_lora_adapter(unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.unet_targets)
-        if train_te:
-            for te in encoders:
-                add_lora_adapter(te, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                                 targets=lora.text_encoder_targets)  # fmt: skip
+        # A's Gaussian start from the run's seed, not from whatever the global RNG holds by now: the same
+        # run in a fresh process, in a test process, or as rank 0 of many (DDP copies rank 0's to the rest)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.train.seed)
+            add_lora_adapter(unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.unet_targets)
+            if train_te:
+                for te in encoders:
+                    add_lora_adapter(te, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                     targets=lora.text_encoder_targets)  # fmt: skip
     elif train_unet:
         unet.requires_grad_(True)
     if train_te and not lora.enabled:
@@ -407,10 +421,13 @@ def make_optimizer(config: TrainConfig, modules, encoders, device):
     return optimizer, lr_scheduler
 
 
-def checkpoint_objects(lr_scheduler, ema) -> dict[str, Any]:
+def checkpoint_objects(lr_scheduler, ema, distiller=None) -> dict[str, Any]:
     """What a U-Net stage checkpoint holds besides accelerate's state, by name (in the order older
-    checkpoints registered them with accelerate: custom_checkpoint_0, _1)."""
-    return {"lr_scheduler": lr_scheduler, "ema": ema}
+    checkpoints registered them with accelerate: custom_checkpoint_0, _1); a distillation's target network."""
+    objects = {"lr_scheduler": lr_scheduler, "ema": ema}
+    if distiller is not None:
+        objects["target"] = distiller.target
+    return objects
 
 
 def _resume(session: Session, global_batch: int, objects: dict[str, Any]) -> Optional[dict[str, Any]]:
