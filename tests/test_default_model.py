@@ -20,7 +20,7 @@ def test_the_folder_is_complete_small_and_documented():
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert len(weights) == 3
     card = (DEFAULT_MODEL_DIR / "README.md").read_text()
-    for needed in ("CC-BY 4.0", "CC0", "accelerate launch training/train.py --config training/configs/default-model.toml",
+    for needed in ("CC-BY 4.0", "CC0", "training/train.py --config training/configs/default-model.toml",
                    "latentdiff eval", "PSNR"):  # fmt: skip
         assert needed in card, needed
     index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
