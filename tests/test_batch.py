@@ -297,6 +297,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
 def test_a_failing_batch_is_retried_image_by_image(tiny, tmp_path):
     """Out of memory (or any other failure) in one batch: retry alone, record only what still fails."""
     from latentdiff.batch.local import _make
+    from latentdiff.batch.storage import PartWriter, open_folder
 
     class Flaky:
         def __init__(self):
@@ -311,7 +312,7 @@ def test_a_failing_batch_is_retried_image_by_image(tiny, tmp_path):
     rows, _ = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": "cursed"}, {"prompt": "ok"}]),
                         Defaults())  # fmt: skip
     pipe = Flaky()
-    errors = _make(pipe, expand(rows, 0), tmp_path, tmp_path / "part.jsonl")
+    errors = _make(pipe, expand(rows, 0), tmp_path, PartWriter(open_folder(tmp_path), "t"))
     assert pipe.calls == [["fine", "cursed", "ok"], ["fine"], ["cursed"], ["ok"]]
     assert [(e["id"], e["reason"]) for e in errors] == [("2", "RuntimeError: CUDA out of memory")]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["1-0.png", "3-0.png"]
