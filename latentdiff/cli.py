@@ -93,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace another run's images in --out")
     b.add_argument("--fast", action="store_true",
                    help="fast path in --dtype: channels_last, fused QKV, torch.compile (add --dtype float16 on GPUs)")  # fmt: skip
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process, or accelerate launch / torchrun (default); ray: workers of a Ray "
+                        "cluster, on Ray Data (pip install \"latentdiff[ray]\")")  # fmt: skip
+    b.add_argument("--address", default=None,
+                   help="--engine ray: the cluster (ray://HOST:10001, HOST:6379 or auto; default: RAY_ADDRESS, "
+                        "else a cluster on this machine)")  # fmt: skip
+    b.add_argument("--workers", default=None, metavar="N|MIN-MAX",
+                   help="--engine ray: workers, each holding the model once: N, or MIN-MAX (or MIN-) for a pool "
+                        "that Ray scales with the work (default 1-: as many as the cluster fits)")  # fmt: skip
+    b.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="--engine ray: GPUs each worker takes; 0.5 puts two workers on a GPU, 0 runs on CPUs "
+                        "(default: 1 if the cluster has GPUs, else 0)")  # fmt: skip
 
     i = sub.add_parser("info", parents=[common],
                        help="describe a model: parts, parameter counts, dtypes, scheduler, weight hash")

@@ -48,9 +48,7 @@ def prepare_folder(out, items: list[Item], run_info: dict, default_size: int, ov
     that lost their manifest line are given it back from their recipe.
     """
     out = open_folder(out)
-    for name in out.names(".*.tmp"):  # temporary files of a killed run: never complete, never listed
-        if _OUR_TMP.match(name):
-            out.remove(name)
+    _clear_temporary(out)
     for name in out.names("errors.part-*.jsonl"):  # errors are found afresh by every run
         out.remove(name)
     foreign, unlisted = _foreign(out, items, run_info, default_size, overwrite)
@@ -61,6 +59,13 @@ def prepare_folder(out, items: list[Item], run_info: dict, default_size: int, ov
         restored.add(manifest_line(item, recipe, None))
     restored.flush()
     out.write(RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True).encode())
+
+
+def _clear_temporary(out) -> None:
+    """Our temporary files in the locked folder: never complete, never listed (a killed writer's)."""
+    for name in out.names(".*.tmp"):
+        if _OUR_TMP.match(name):
+            out.remove(name)
 
 
 def _foreign(out, items: list[Item], run_info: dict, default_size: Optional[int], overwrite: bool):
@@ -128,8 +133,10 @@ def _comparable(run_info: dict, known: dict) -> dict:
 def merge(out, items: list[Item], errors: Optional[list[dict]] = None) -> None:
     """Join the per-writer parts into manifest.jsonl (file order) and errors.jsonl (the error parts,
     then ``errors``). An image of this run whose line was lost (its writer died between the file and
-    the line, and the retry found the file made) gets its line from its recipe."""
+    the line, and the retry found the file made) gets its line from its recipe. Every writer is done
+    by now, so a temporary file left is a dead writer's."""
     out = open_folder(out)
+    _clear_temporary(out)
     recorded = _recorded(out)
     present = set(out.names("*.png"))
     lines = []

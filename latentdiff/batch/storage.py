@@ -125,12 +125,6 @@ class LocalFolder:
             raise InvalidInputError(f"another latentdiff batch is writing into {self}; wait for it or use another --out") from None
         return handle
 
-    def remove_abandoned(self) -> None:
-        """Temporary files whose writer died (a killed worker's half-written PNG)."""
-        from ..fileio import remove_stale
-
-        remove_stale(self.path)
-
 
 class FsspecFolder:
     """A folder on an fsspec file system. Writes are whole objects; there is no lock (see the README)."""
@@ -205,9 +199,6 @@ class FsspecFolder:
 
     def lock(self):
         return None  # object stores have no lock that fsspec can take: one run per folder is up to the user
-
-    def remove_abandoned(self) -> None:
-        pass  # whole-object writes leave no temporary files
 
 
 class PartWriter:
