@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast path: float16 on CUDA (unless --dtype), channels_last, fused QKV, torch.compile")  # fmt: skip
 
     b = sub.add_parser("batch", parents=[common],
-                       help="make the images of every row of a prompts file; resumable, multi-process")
+                       help="make the images of every row of a prompts file; resumable, multi-process or on a Ray cluster")
     b.add_argument("prompts", help=".txt (a prompt a line, # comments), .jsonl or .csv (columns: "
                    "prompt, negative_prompt, seed, n, steps, guidance, width, height, scheduler, id)")  # fmt: skip
     b.add_argument("--out", required=True, help="output folder: PNGs, manifest.jsonl, errors.jsonl")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: this process, or accelerate launch / torchrun (default); ray: workers of a Ray "
                         "cluster, on Ray Data (pip install \"latentdiff[ray]\")")  # fmt: skip
     b.add_argument("--address", default=None,
-                   help="--engine ray: the cluster (ray://HOST:10001, HOST:6379 or auto; default: RAY_ADDRESS, "
+                   help="--engine ray: the cluster (HOST:6379, or auto on a node of it; default: RAY_ADDRESS, "
                         "else a cluster on this machine)")  # fmt: skip
     b.add_argument("--workers", default=None, metavar="N|MIN-MAX",
                    help="--engine ray: workers, each holding the model once: N, or MIN-MAX (or MIN-) for a pool "

@@ -15,19 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import free_port
+from helpers import BATCH_ROWS, free_port
 from latentdiff.batch.rows import Defaults, Row, expand, image_seed, read_rows
 from latentdiff.cli import main
 from latentdiff.generation.recipe import read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = [
-    {"prompt": "a red apple", "n": 2},
-    {"prompt": "a lighthouse", "seed": 40, "id": "house"},
-    {"prompt": "a bowl of soup", "negative_prompt": "blurry", "steps": 3},
-    {"prompt": "a fox", "guidance": 3.0, "scheduler": "euler_a", "n": 2},
-    {"prompt": "a tall tower", "width": 48, "height": 64},
-]
+ROWS = BATCH_ROWS
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -20,18 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import BATCH_ROWS
 from latentdiff.cli import main
 
 ray = pytest.importorskip("ray")
 
-ROWS = [
-    {"prompt": "a red apple", "n": 2},
-    {"prompt": "a lighthouse", "seed": 40, "id": "house"},
-    {"prompt": "a bowl of soup", "negative_prompt": "blurry", "steps": 3},
-    {"prompt": "a fox", "guidance": 3.0, "scheduler": "euler_a", "n": 2},
-    {"prompt": "a tall tower", "width": 48, "height": 32},
-    {"prompt": "a bad size", "width": 36},  # fails at the call: both engines record it the same way
-]
+ROWS = [*BATCH_ROWS, {"prompt": "a bad size", "width": 36}]  # (fails at the call: both engines record it)
 TINY = ["--preset", "tiny", "--steps", "2", "--size", "32x32", "--no-progress"]
 
 

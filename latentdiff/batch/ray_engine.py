@@ -40,7 +40,7 @@ MAX_BLOCKS = 10_000  # calls are grouped into at most this many Ray Data blocks 
 
 @dataclass(frozen=True)
 class RayOptions:
-    address: Optional[str] = None  # a cluster's address (ray://HOST:10001, HOST:6379, "auto"); None: RAY_ADDRESS or a local one
+    address: Optional[str] = None  # a cluster's address (HOST:6379, "auto"); None: RAY_ADDRESS, else a local cluster
     workers: tuple[int, Optional[int]] = (1, None)  # (fewest, most) workers; most None: as many as the cluster fits
     gpus_per_worker: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0; 0.5: two workers per GPU
     cpus_per_worker: float = 1.0  # the CPU threads each CPU worker uses (--threads)
