@@ -73,6 +73,23 @@ def wait_until(condition, proc, timeout=300.0):
         time.sleep(0.05)
 
 
+def test_worker_and_device_options_are_checked_first(tmp_path, capsys):
+    from latentdiff.batch.ray_engine import parse_workers
+
+    assert [parse_workers(t) for t in ("3", "1-4", "2-")] == [(3, 3), (1, 4), (2, None)]
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS[:1])
+    for extra, message in [(["--workers", "0"], "--workers needs 1 <= MIN <= MAX, got '0'"),
+                           (["--workers", "4-2"], "--workers needs 1 <= MIN <= MAX"),
+                           (["--workers", "many"], "--workers takes N, MIN-MAX or MIN-, got 'many'"),
+                           (["--device", "cuda", "--gpus-per-worker", "0"], "give each worker a GPU (--gpus-per-worker 1)"),
+                           (["--device", "mps"], "--device mps with --engine ray: use cpu or cuda"),
+                           (["--gpus-per-worker", "-1"], "--gpus-per-worker must be 0 or more")]:  # fmt: skip
+        assert main(["batch", str(prompts), "--out", str(tmp_path / "out"), *TINY, "--engine", "ray", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not ray.is_initialized()  # all said before Ray starts (this test runs before the module's cluster)
+
+
 def test_the_two_engines_write_the_same_images_and_manifest(cluster, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
     local, on_ray = tmp_path / "local", tmp_path / "ray"
@@ -158,3 +175,4 @@ def test_another_runs_folder_is_refused(cluster, tmp_path, capsys):
     assert "rows this file does not have" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == stamps  # untouched
     check_exactly_once(out, ["1-0.png", "1-1.png", "house-0.png"])
+
