@@ -31,10 +31,22 @@ TINY = ["--preset", "tiny", "--steps", "2", "--size", "32x32", "--no-progress"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster (2 CPUs) for this module: its address, for driver processes of their own."""
+    """A local Ray cluster (2 CPUs, a small object store: the rows are short JSON texts) for this
+    module: its address, for driver processes of their own.
+
+    Its workers run at the suite's own priority: Ray starts them 15 steps nicer than the raylet
+    (``RAY_worker_niceness``, an increment), which on a machine busy with other work (a training
+    run) left them a few percent of a core and the module took many times as long. A suite run
+    under ``nice`` keeps its workers there."""
     import logging
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    saved = os.environ.get("RAY_worker_niceness")
+    os.environ["RAY_worker_niceness"] = "0"  # (read by the raylet that ray.init starts)
+    try:
+        ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+                 logging_level=logging.ERROR, log_to_driver=False)  # fmt: skip
+    finally:
+        os.environ.pop("RAY_worker_niceness") if saved is None else os.environ.update(RAY_worker_niceness=saved)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
