@@ -38,14 +38,17 @@ def _quote(value) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
-def _number(x: float) -> str:
+def _number(x: Any) -> str:
+    """A number as A1111 writes it (7, 7.5); anything else (a recipe edited by hand) as its text."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
 def model_name(source: Any) -> str:
     """A short model name for the infotext: the folder's or file's name, or the preset."""
     if isinstance(source, dict):
-        if source.get("path"):
+        if isinstance(source.get("path"), str) and source["path"]:
             return Path(source["path"]).name.removesuffix(".safetensors").removesuffix(".ckpt")
         if source.get("preset"):
             return f"preset-{source['preset']}"
@@ -54,7 +57,8 @@ def model_name(source: Any) -> str:
 
 def format_infotext(params: dict[str, Any]) -> str:
     """The A1111 infotext of one image's recipe (``params`` as ``image_params`` makes it)."""
-    known = params.get("scheduler") is not None or params.get("scheduler_class") is not None
+    names = (params.get("scheduler"), params.get("scheduler_class"))
+    known = any(n is not None for n in names) and all(n is None or isinstance(n, str) for n in names)
     sampler, schedule = to_a1111(params.get("scheduler"), params.get("scheduler_class")) if known else (None, None)
     size = (params.get("width"), params.get("height"))
     fields: dict[str, Any] = {  # (a recipe written by hand may lack some: those are left out)
@@ -69,8 +73,8 @@ def format_infotext(params: dict[str, Any]) -> str:
     }
     if params.get("strength") is not None:
         fields["Denoising strength"] = _number(params["strength"])
-    if params.get("clip_skip"):  # A1111 counts the last layer as 1: our clip_skip=1 is its "Clip skip: 2"
-        fields["Clip skip"] = params["clip_skip"] + 1
+    if isinstance(params.get("clip_skip"), int) and params["clip_skip"]:  # A1111 counts the last layer as 1:
+        fields["Clip skip"] = params["clip_skip"] + 1  # our clip_skip=1 is its "Clip skip: 2"
     if params.get("eta"):
         fields["Eta"] = _number(params["eta"])
     if params.get("guidance_rescale"):
@@ -78,7 +82,8 @@ def format_infotext(params: dict[str, Any]) -> str:
     if params.get("hires_scale") is not None:
         fields["Hires upscale"] = _number(params["hires_scale"])
         fields["Hires upscaler"] = "Latent" if params.get("hires_upscale") == "latent" else "Lanczos"
-        fields["Denoising strength"] = _number(params["hires_strength"])
+        if params.get("hires_strength") is not None:
+            fields["Denoising strength"] = _number(params["hires_strength"])
     if params.get("latentdiff_version"):
         fields["Version"] = f"latentdiff {params['latentdiff_version']}"
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)

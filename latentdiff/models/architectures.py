@@ -158,12 +158,16 @@ PRESETS: dict[str, Architecture] = {
     ),
     # The embedded default model's architecture (latentdiff/assets/default_model): the `small` layout
     # cut to fit 25 MB in fp16 with its tokenizer (~10M parameters, most of them the 64-wide token
-    # embedding of the full CLIP vocabulary), and a DDIM scheduler config for v-prediction with
-    # zero terminal SNR, which is how it is trained (training/configs/default-model.toml).
+    # embedding of the full CLIP vocabulary), a lighter VAE with 8 latent channels, and a DDIM scheduler
+    # config for v-prediction with zero terminal SNR, which is how it is trained
+    # (training/configs/default-model.toml).
     "mini": Architecture(
         name="mini",
-        unet={**_SMALL_UNET, "layers_per_block": 1, "cross_attention_dim": 64},
-        vae=_SMALL_VAE,
+        unet={**_SMALL_UNET, "layers_per_block": 1, "cross_attention_dim": 64, "in_channels": 8, "out_channels": 8},
+        # One GroupNorm group: with one group per channel (or two), a flat-coloured image normalises to a
+        # constant and its colour is lost; 8 latent channels at 4x downsampling keep 64x64 emoji above 30 dB
+        # (the recipe search is in the default model's card).
+        vae={**_SMALL_VAE, "block_out_channels": [16, 32, 64], "norm_num_groups": 1, "latent_channels": 8},
         text_encoder=_text_encoder(64, 4),
         scheduler={
             **_SD_SCHEDULER,

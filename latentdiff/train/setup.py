@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -147,16 +148,21 @@ def load_model(config: TrainConfig):
     from ..generation.pipeline import LatentDiffusion
 
     model = config.model
+    vae = load_vae(model.vae_path) if model.vae_path else None
     if model.path:
         pipe = LatentDiffusion.from_pretrained(model.path)
     else:
         from ..models.architectures import build_components
 
-        overrides = {"unet": model.unet_config, "vae": model.vae_config, "text_encoder": model.text_encoder_config}
+        unet = dict(model.unet_config)
+        if vae is not None:  # a new U-Net takes the latents of the VAE it is given, unless told otherwise
+            channels = vae.config.latent_channels
+            unet = {"in_channels": channels, "out_channels": channels, **unet}
+        overrides = {"unet": unet, "vae": model.vae_config, "text_encoder": model.text_encoder_config}
         pipe = LatentDiffusion(**build_components(model.preset, model.init_seed, overrides),
                                source={"preset": model.preset, "seed": model.init_seed})  # fmt: skip
-    if model.vae_path:
-        pipe.vae = load_vae(model.vae_path)
+    if vae is not None:
+        pipe.vae = vae
     return pipe
 
 
@@ -395,6 +401,11 @@ def _resume(session: Session, global_batch: int, objects: dict[str, Any]) -> Opt
         )
     session.say(f"resumed from {path.name}: step {state['step']}, epoch {state['epoch']}, "
                 f"batch {state['position']} of the epoch")  # fmt: skip
+    threads = torch.get_num_threads()
+    if session.accelerator.device.type == "cpu" and state.get("threads", threads) != threads:
+        session.say(f"note: {path.name} was written with {state['threads']} CPU threads per process and this run "
+                    f"has {threads}; it carries on correctly, but not bit for bit as an uninterrupted run would "
+                    f"(set --threads {state['threads']} for that)")  # fmt: skip
     session.forget_log_after(state["step"], UNET_LOG_KEY)
     return state
 
