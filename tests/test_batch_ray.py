@@ -25,7 +25,9 @@ from latentdiff.cli import main
 
 ray = pytest.importorskip("ray")
 
-ROWS = [*BATCH_ROWS, {"prompt": "a bad size", "width": 36}]  # (fails at the call: both engines record it)
+ROWS = [*BATCH_ROWS,
+        {"prompt": "a bad size", "width": 36},  # (fails at the call: both engines record it)
+        {"prompt": "a second lighthouse", "id": "house"}]  # (refused by the reader: an id taken)  # fmt: skip
 TINY = ["--preset", "tiny", "--steps", "2", "--size", "32x32", "--no-progress"]
 
 
@@ -121,7 +123,9 @@ def test_the_two_engines_write_the_same_images_and_manifest(cluster, tmp_path):
     assert [r["file"] for r in manifest(local)] == [r["file"] for r in manifest(on_ray)]  # file order, both
     assert json.loads((local / "run.json").read_text()) == json.loads((on_ray / "run.json").read_text())
     assert (local / "errors.jsonl").read_text() == (on_ray / "errors.jsonl").read_text()
-    assert "width must be a positive multiple of 8" in (on_ray / "errors.jsonl").read_text()
+    reasons = [json.loads(line) for line in (on_ray / "errors.jsonl").read_text().splitlines()]
+    assert len(reasons) == 2 and "width must be a positive multiple of 8" in reasons[1]["reason"]
+    assert "id 'house' (its own id) is taken by the row on line 2" in reasons[0]["reason"]
     assert not list(on_ray.glob("*.part-*"))
     # the folder the Ray engine wrote is this run's folder for the local engine too (it retries the bad row)
     stamps = {p.name: p.stat().st_mtime_ns for p in on_ray.glob("*.png")}
@@ -187,4 +191,13 @@ def test_another_runs_folder_is_refused(cluster, tmp_path, capsys):
     assert "rows this file does not have" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == stamps  # untouched
     check_exactly_once(out, ["1-0.png", "1-1.png", "house-0.png"])
+    # the same run with a row more: the Ray engine finishes the local engine's folder, making only the new image
+    more = write_jsonl(tmp_path / "more.jsonl", ROWS[:3])
+    assert main(["batch", str(more), "--out", str(out), *TINY, "--engine", "ray"]) == 0
+    assert "1 images made; all 4 are in" in capsys.readouterr().err
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
+    check_exactly_once(out, ["1-0.png", "1-1.png", "house-0.png", "3-0.png"])
+    reference = tmp_path / "reference"  # the new image, as the local engine makes it
+    assert main(["batch", str(more), "--out", str(reference), *TINY]) == 0
+    assert (out / "3-0.png").read_bytes() == (reference / "3-0.png").read_bytes()
 
