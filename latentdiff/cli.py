@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast path: float16 on CUDA (unless --dtype), channels_last, fused QKV, torch.compile")  # fmt: skip
 
     b = sub.add_parser("batch", parents=[common],
-                       help="make the images of every row of a prompts file; resumable, multi-process")
+                       help="make the images of every row of a prompts file; resumable, multi-process or on a Ray cluster")
     b.add_argument("prompts", help=".txt (a prompt a line, # comments), .jsonl or .csv (columns: "
                    "prompt, negative_prompt, seed, n, steps, guidance, width, height, scheduler, id)")  # fmt: skip
     b.add_argument("--out", required=True, help="output folder: PNGs, manifest.jsonl, errors.jsonl")
@@ -101,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace another run's images in --out")
     b.add_argument("--fast", action="store_true",
                    help="fast path in --dtype: channels_last, fused QKV, torch.compile (add --dtype float16 on GPUs)")  # fmt: skip
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process, or accelerate launch / torchrun (default); ray: workers of a Ray "
+                        "cluster, on Ray Data (pip install \"latentdiff[ray]\")")  # fmt: skip
+    b.add_argument("--address", default=None,
+                   help="--engine ray: the cluster (HOST:6379, or auto on a node of it; default: RAY_ADDRESS, "
+                        "else a cluster on this machine)")  # fmt: skip
+    b.add_argument("--workers", default=None, metavar="N|MIN-MAX",
+                   help="--engine ray: workers, each holding the model once: N, or MIN-MAX (or MIN-) for a pool "
+                        "that Ray scales with the work (default 1-: as many as the cluster fits)")  # fmt: skip
+    b.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="--engine ray: GPUs each worker takes; 0.5 puts two workers on a GPU, 0 runs on CPUs "
+                        "(default: 1 if the cluster has GPUs, else 0)")  # fmt: skip
 
     i = sub.add_parser("info", parents=[common],
                        help="describe a model: parts, parameter counts, dtypes, scheduler, weight hash")

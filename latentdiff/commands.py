@@ -154,13 +154,13 @@ def batch(args) -> int:
     width, height = args.size if args.size is not None else (None, None)
     config = BatchConfig(
         prompts=Path(args.prompts),
-        out=Path(args.out),
+        out=args.out if "://" in args.out else Path(args.out),  # a URL: any file system fsspec can write
         model=args.model,
         preset=args.preset,
         preset_seed=args.preset_seed,
         batch_size=args.batch_size,
         base_seed=args.seed,
-        device=None if args.device is None else _device(args.device),
+        device=None if args.device is None else args.device if args.engine == "ray" else _device(args.device),
         dtype=args.dtype,
         overwrite=args.overwrite,
         progress=not args.no_progress,
@@ -172,6 +172,12 @@ def batch(args) -> int:
             width=width, height=height, scheduler=args.scheduler,
         ),
     )  # fmt: skip
+    if args.engine == "ray":
+        return _ray_batch(config, args)
+    given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers),
+                                      ("--gpus-per-worker", args.gpus_per_worker)) if value is not None]  # fmt: skip
+    if given:
+        raise InvalidInputError(f"{given[0]} is for --engine ray")
     set_threads(args.threads, config.device or "")
     try:
         code = run_batch(config)
@@ -180,6 +186,23 @@ def batch(args) -> int:
         raise
     end_process_group(clean=True)
     return code
+
+
+def _ray_batch(config, args) -> int:
+    """``latentdiff batch --engine ray``: the same run on the workers of a Ray cluster."""
+    from .batch.ray_engine import RayOptions, parse_workers, require_ray, run_ray_batch
+
+    require_ray()  # one line saying how to install it, before anything else
+    if args.threads is not None and (whole_number(args.threads) is None or args.threads < 1):
+        raise InvalidInputError(f"--threads must be at least 1, got {args.threads}")
+    options = RayOptions(
+        address=args.address,
+        workers=parse_workers(args.workers) if args.workers is not None else (1, None),
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.threads or 1,
+        verbose=args.verbose,
+    )
+    return run_ray_batch(config, options)
 
 
 def train(args) -> int:

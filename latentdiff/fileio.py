@@ -38,6 +38,11 @@ def _owner() -> str:
     return f"{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}-{os.getpid()}"
 
 
+def writer() -> str:
+    """This process as temporary names record it (``HOST-PID``), for the names of per-writer files."""
+    return _owner()
+
+
 def _prefix(path: Path) -> str:
     return f".{path.name}.{_owner()}-"
 

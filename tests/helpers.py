@@ -39,6 +39,16 @@ REFERENCE_SCHEDULERS = {
 }
 
 
+# A prompts file's rows for batch tests: 7 images, with a row's own seed and id, and rows that cannot share a call.
+BATCH_ROWS = [
+    {"prompt": "a red apple", "n": 2},
+    {"prompt": "a lighthouse", "seed": 40, "id": "house"},
+    {"prompt": "a bowl of soup", "negative_prompt": "blurry", "steps": 3},
+    {"prompt": "a fox", "guidance": 3.0, "scheduler": "euler_a", "n": 2},
+    {"prompt": "a tall tower", "width": 48, "height": 64},
+]
+
+
 def picture(width=64, height=48, seed=0) -> Image.Image:
     """A smooth test picture (gradients plus a square), different per seed."""
     rng = np.random.default_rng(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -14,19 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import free_port
+from helpers import BATCH_ROWS, free_port
 from latentdiff.batch.rows import Defaults, Row, expand, image_seed, read_rows
 from latentdiff.cli import main
 from latentdiff.generation.recipe import read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = [
-    {"prompt": "a red apple", "n": 2},
-    {"prompt": "a lighthouse", "seed": 40, "id": "house"},
-    {"prompt": "a bowl of soup", "negative_prompt": "blurry", "steps": 3},
-    {"prompt": "a fox", "guidance": 3.0, "scheduler": "euler_a", "n": 2},
-    {"prompt": "a tall tower", "width": 48, "height": 64},
-]
+ROWS = BATCH_ROWS
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -297,6 +292,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
 def test_a_failing_batch_is_retried_image_by_image(tiny, tmp_path):
     """Out of memory (or any other failure) in one batch: retry alone, record only what still fails."""
     from latentdiff.batch.local import _make
+    from latentdiff.batch.storage import PartWriter, open_folder
 
     class Flaky:
         def __init__(self):
@@ -311,7 +307,7 @@ def test_a_failing_batch_is_retried_image_by_image(tiny, tmp_path):
     rows, _ = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": "cursed"}, {"prompt": "ok"}]),
                         Defaults())  # fmt: skip
     pipe = Flaky()
-    errors = _make(pipe, expand(rows, 0), tmp_path, tmp_path / "part.jsonl")
+    errors = _make(pipe, expand(rows, 0), tmp_path, PartWriter(open_folder(tmp_path), "t"))
     assert pipe.calls == [["fine", "cursed", "ok"], ["fine"], ["cursed"], ["ok"]]
     assert [(e["id"], e["reason"]) for e in errors] == [("2", "RuntimeError: CUDA out of memory")]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["1-0.png", "3-0.png"]
@@ -405,3 +401,51 @@ def test_the_folder_is_checked_before_the_model_loads(prompts, tmp_path, capsys,
         held.close()
     assert batch(prompts, "--out", tmp_path / "o2", "--batch-size", "100") == 2
     assert "--batch-size 100 is above the limit images=64" in capsys.readouterr().err
+
+
+# -- other file systems, other engines -----------------------------------------------------------------
+
+
+def test_a_folder_on_an_fsspec_file_system_holds_the_same_run(prompts, tmp_path):
+    """--out on a file system that can neither rename nor append (fsspec's in-memory one, standing in
+    for object storage): the same files, manifest and resume as on a local disk."""
+    import fsspec
+
+    fs, root, url = fsspec.filesystem("memory"), "/latentdiff-test/out", "memory://latentdiff-test/out"
+    try:
+        assert batch(prompts, "--out", url, "--batch-size", "3") == 0
+        assert batch(prompts, "--out", tmp_path / "local", "--batch-size", "3") == 0
+        names = sorted(n.rsplit("/", 1)[1] for n in fs.ls(root, detail=False))
+        pngs = sorted(p.name for p in (tmp_path / "local").glob("*.png"))
+        assert [n for n in names if n.endswith(".png")] == pngs and len(pngs) == 7
+        assert all(fs.cat_file(f"{root}/{name}") == (tmp_path / "local" / name).read_bytes() for name in pngs)
+        assert not [n for n in names if ".part-" in n or n.endswith(".tmp")]
+
+        def timeless(data: bytes):
+            return [{**json.loads(line), "seconds": None} for line in data.decode().splitlines()]
+
+        assert timeless(fs.cat_file(f"{root}/manifest.jsonl")) == timeless((tmp_path / "local" / "manifest.jsonl").read_bytes())
+        # resume: a lost image and a lost manifest are made good, nothing else is made again
+        fs.rm_file(f"{root}/4-1.png")
+        fs.pipe_file(f"{root}/manifest.jsonl", b"")
+        kept = fs.cat_file(f"{root}/1-0.png")
+        assert batch(prompts, "--out", url) == 0
+        after, before = timeless(fs.cat_file(f"{root}/manifest.jsonl")), timeless((tmp_path / "local" / "manifest.jsonl").read_bytes())
+        assert [r["file"] for r in after] == [r["file"] for r in before]
+        assert [r for r in after if r["file"] != "4-1.png"] == [r for r in before if r["file"] != "4-1.png"]
+        remade = np.asarray(Image.open(io.BytesIO(fs.cat_file(f"{root}/4-1.png"))), dtype=int)
+        assert np.abs(remade - pixels(tmp_path / "local" / "4-1.png")).max() <= 1  # (made alone this time)
+        assert fs.cat_file(f"{root}/1-0.png") == kept
+        assert batch(prompts, "--out", url, "--seed", "5") == 2  # another run: refused, as on a local disk
+    finally:
+        fs.rm("/latentdiff-test", recursive=True)
+
+
+def test_engine_ray_without_ray_says_how_to_install_it(prompts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert batch(prompts, "--out", tmp_path / "out", "--engine", "ray") == 2
+    assert capsys.readouterr().err == ('latentdiff: error: --engine ray needs Ray Data, which is not installed: '
+                                       'pip install "latentdiff[ray]"\n')  # fmt: skip
+    assert not (tmp_path / "out").exists()  # said before anything else
+    assert batch(prompts, "--out", tmp_path / "out", "--workers", "2") == 2
+    assert "--workers is for --engine ray" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-HEAVY = {"torch", "diffusers", "transformers", "fastapi", "uvicorn"}
+HEAVY = {"torch", "diffusers", "transformers", "fastapi", "uvicorn", "ray", "fsspec"}
 
 
 def imported_by(*args: str) -> set[str]:

@@ -1,45 +1,45 @@
-"""The output folder of a batch run: PNGs, per-process manifest and error parts merged at the end,
+"""The output folder of a batch run: PNGs, per-writer manifest and error parts merged at the end,
 ``run.json``, and the rules that keep runs from mixing.
 
-Each PNG is written atomically (temporary name, then rename) and only then gets its manifest line,
-so a run killed at any moment leaves no truncated PNG and no manifest line without its file. A
-folder that holds another run's images is refused (or, with ``--overwrite``, those images alone
-are deleted); images of this run that lost their manifest line get it back from their recipe.
+Each PNG is written atomically (temporary name, then rename; a whole object on object storage) and
+only then gets its manifest line, so a run killed at any moment leaves no truncated PNG and no
+manifest line without its file. A folder that holds another run's images is refused (or, with
+``--overwrite``, those images alone are deleted); images of this run that lost their manifest line
+get it back from their recipe. ``out`` is a path, a URL, or a folder from ``storage.open_folder``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 from typing import Optional
 
-from ..errors import InvalidInputError, LatentDiffusionError
-from ..fileio import atomic_write
+from ..errors import InvalidInputError
 from .rows import Item
+from .storage import PartWriter, open_folder
 
 _OUR_PNG = re.compile(r"^[A-Za-z0-9._-]+-\d+\.png$")  # ID-INDEX.png
 _OUR_TMP = re.compile(r"^\.([A-Za-z0-9._-]+-\d+\.png|manifest\.jsonl|errors[.a-z0-9-]*\.jsonl|run\.json)\.[^/]+\.tmp$")
 RUN_FILE, MANIFEST, ERRORS = "run.json", "manifest.jsonl", "errors.jsonl"
 
 
-def lock_folder(out: Path):
+def lock_folder(out):
     """Main process: create ``out`` and lock it for this run (held until the returned handle is
     dropped), or refuse if another batch is writing there. Before any model is loaded."""
-    out.mkdir(parents=True, exist_ok=True)
-    return _lock(out)
+    out = open_folder(out)
+    out.makedirs()
+    return out.lock()
 
 
-def check_folder(out: Path, items: list[Item], run_info: dict, overwrite: bool) -> None:
+def check_folder(out, items: list[Item], run_info: dict, overwrite: bool) -> None:
     """Main process, before the model is loaded: refuse a folder that holds another run, as far as
     that can be told without the model (``run_info`` without its weight hash; rows that leave
     their size to the model are compared by everything else). Changes nothing."""
     if not overwrite:
-        _foreign(out, items, run_info, None, overwrite=False)
+        _foreign(open_folder(out), items, run_info, None, overwrite=False)
 
 
-def prepare_folder(out: Path, items: list[Item], run_info: dict, default_size: int, overwrite: bool) -> None:
+def prepare_folder(out, items: list[Item], run_info: dict, default_size: int, overwrite: bool) -> None:
     """Main process, with the folder locked: make ``out`` this run's folder, or refuse.
 
     Images from another run (other model, dtype, device, base seed or defaults; rows this
@@ -47,42 +47,52 @@ def prepare_folder(out: Path, items: list[Item], run_info: dict, default_size: i
     error, or with ``overwrite`` those images (and nothing else) are deleted. Images of this run
     that lost their manifest line are given it back from their recipe.
     """
-    for stale in out.iterdir():  # temporary files of a killed run: never complete, never listed
-        if _OUR_TMP.match(stale.name):
-            stale.unlink(missing_ok=True)
-    for part in out.glob("errors.part-*.jsonl"):  # errors are found afresh by every run
-        part.unlink()
+    out = open_folder(out)
+    _clear_temporary(out)
+    for name in out.names("errors.part-*.jsonl"):  # errors are found afresh by every run
+        out.remove(name)
     foreign, unlisted = _foreign(out, items, run_info, default_size, overwrite)
-    for path in foreign:
-        path.unlink()
+    for name in foreign:
+        out.remove(name)
+    restored = PartWriter(out, "restored")
     for item, recipe in unlisted:
-        append_line(out / "manifest.part-0.jsonl", manifest_line(item, recipe, None))
-    with atomic_write(out / RUN_FILE, "w") as f:
-        json.dump(run_info, f, indent=2, sort_keys=True)
+        restored.add(manifest_line(item, recipe, None))
+    restored.flush()
+    out.write(RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True).encode())
 
 
-def _foreign(out: Path, items: list[Item], run_info: dict, default_size: Optional[int], overwrite: bool):
-    """(images of another run, images of this run without a manifest line); without ``overwrite``
-    the first is an error. A key ``run_info`` lacks (the weight hash, before loading) is not compared."""
+def _clear_temporary(out) -> None:
+    """Our temporary files in the locked folder: never complete, never listed (a killed writer's)."""
+    for name in out.names(".*.tmp"):
+        if _OUR_TMP.match(name):
+            out.remove(name)
+
+
+def _foreign(out, items: list[Item], run_info: dict, default_size: Optional[int], overwrite: bool):
+    """(names of images of another run, images of this run without a manifest line); without
+    ``overwrite`` the first is an error. A key ``run_info`` lacks (the weight hash, before loading)
+    is not compared. An image's recipe is read from its manifest line where it has one (the line
+    is written from the same values, after the file), else from the PNG."""
     current = {it.file: it for it in items}
     previous = _read_run_file(out)
     same_run = previous is None or _comparable(previous, run_info) == _comparable(run_info, run_info)
-    foreign: list[Path] = []  # images of another run
+    foreign: list[str] = []  # images of another run
     unlisted: list[tuple[Item, dict]] = []
     recorded = _recorded(out)
-    for path in sorted(out.glob("*.png")):
-        item = current.get(path.name)
-        if item is None and not (_OUR_PNG.match(path.name) and (path.name in recorded or _recipe_or_none(path))):
+    for name in out.names("*.png"):
+        item = current.get(name)
+        if item is None and not (_OUR_PNG.match(name) and (name in recorded or out.recipe(name))):
             continue  # not ours: leave it alone
-        recipe = _recipe_or_none(path) if item is not None else None
+        listed = recorded.get(name, {}).get("params")
+        recipe = None if item is None else listed if isinstance(listed, dict) else out.recipe(name)
         if not same_run or item is None or not _made_from(recipe, item, default_size):
-            foreign.append(path)
-        elif path.name not in recorded:
+            foreign.append(name)
+        elif name not in recorded:
             unlisted.append((item, recipe))
     if foreign and not overwrite:
         why = "another model, dtype, device, base seed or defaults" if not same_run else "rows this file does not have, or other values"
         raise InvalidInputError(
-            f"{out} holds {len(foreign)} images of another run ({why}; e.g. {foreign[0].name}); "
+            f"{out} holds {len(foreign)} images of another run ({why}; e.g. {foreign[0]}); "
             "use another --out folder, or --overwrite to replace them"
         )
     return foreign, unlisted
@@ -102,15 +112,15 @@ def _made_from(recipe: Optional[dict], item: Item, default_size: Optional[int]) 
     return all(recipe.get(k) == v for k, v in expected.items() if v is not None or k == "scheduler")
 
 
-def _read_run_file(out: Path) -> Optional[dict]:
-    path = out / RUN_FILE
-    if not path.is_file():
+def _read_run_file(out) -> Optional[dict]:
+    data = out.read_bytes(RUN_FILE)
+    if data is None:
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(data.decode("utf-8"))
     except ValueError:
-        data = None
-    return data if isinstance(data, dict) else {"damaged": True}
+        info = None
+    return info if isinstance(info, dict) else {"damaged": True}
 
 
 def _comparable(run_info: dict, known: dict) -> dict:
@@ -120,32 +130,31 @@ def _comparable(run_info: dict, known: dict) -> dict:
     return json.loads(json.dumps({k: run_info.get(k) for k in keys}))
 
 
-def merge(out: Path, items: list[Item]) -> None:
-    """Join the per-process parts into manifest.jsonl (file order) and errors.jsonl."""
+def merge(out, items: list[Item], errors: Optional[list[dict]] = None) -> None:
+    """Join the per-writer parts into manifest.jsonl (file order) and errors.jsonl (the error parts,
+    then ``errors``). An image of this run whose line was lost (its writer died between the file and
+    the line, and the retry found the file made) gets its line from its recipe. Every writer is done
+    by now, so a temporary file left is a dead writer's."""
+    out = open_folder(out)
+    _clear_temporary(out)
     recorded = _recorded(out)
-    lines = [recorded[it.file] for it in items if it.file in recorded and (out / it.file).exists()]
-    with atomic_write(out / MANIFEST, "w") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in lines)
-    errors = [e for path in sorted(out.glob("errors.part-*.jsonl")) for e in read_jsonl(path)]
-    with atomic_write(out / ERRORS, "w") as f:
-        f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in errors)
-    for path in [*out.glob("manifest.part-*.jsonl"), *out.glob("errors.part-*.jsonl")]:
-        path.unlink()
-
-
-def _lock(out: Path):
-    """An exclusive lock on the folder for this run: two runs never write into one folder."""
-    handle = open(out / ".latentdiff-batch.lock", "w")  # noqa: SIM115 - held until the run ends
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as before
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise InvalidInputError(f"another latentdiff batch is writing into {out}; wait for it or use another --out") from None
-    return handle
+    present = set(out.names("*.png"))
+    lines = []
+    for it in items:
+        if it.file not in present:
+            continue
+        if it.file not in recorded:
+            recipe = out.recipe(it.file)
+            if recipe is None:
+                continue
+            recorded[it.file] = manifest_line(it, recipe, None)
+        lines.append(recorded[it.file])
+    out.write(MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode())
+    error_parts = out.names("errors.part-*.jsonl")
+    found = [e for data in out.read_many(error_parts).values() for e in parse_jsonl(data)] + list(errors or [])
+    out.write(ERRORS, "".join(json.dumps(e, sort_keys=True) + "\n" for e in found).encode())
+    for name in [*out.names("manifest.part-*.jsonl"), *error_parts]:
+        out.remove(name)
 
 
 def manifest_line(item: Item, params: dict, seconds: Optional[float]) -> dict:
@@ -153,26 +162,12 @@ def manifest_line(item: Item, params: dict, seconds: Optional[float]) -> dict:
             "seconds": None if seconds is None else round(seconds, 4), "params": params}  # fmt: skip
 
 
-def append_line(path: Path, record: dict) -> None:
-    """Append one JSON line durably. A line cut short by a crash is closed off first, so it
-    costs only itself (it is dropped when read; resume restores it from the PNG's recipe)."""
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = b"\n" + line
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file; a line cut short by a crash is dropped."""
-    if not path.is_file():
+def parse_jsonl(data: Optional[bytes]) -> list[dict]:
+    """The JSON objects of a JSON-lines file's bytes (None: no file); a line cut short by a crash is dropped."""
+    if data is None:
         return []
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in data.decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -182,20 +177,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _recorded(out: Path) -> dict[str, dict]:
+def read_jsonl(out, name: str) -> list[dict]:
+    return parse_jsonl(open_folder(out).read_bytes(name))
+
+
+def _recorded(out) -> dict[str, dict]:
     """Manifest lines already written (merged manifest and every part), by file name."""
     lines = {}
-    for path in [out / MANIFEST, *sorted(out.glob("manifest.part-*.jsonl"))]:
-        for record in read_jsonl(path):
+    names = [MANIFEST, *out.names("manifest.part-*.jsonl")]
+    found = out.read_many(names)
+    for name in names:
+        for record in parse_jsonl(found.get(name)):
             if isinstance(record.get("file"), str):
                 lines[record["file"]] = record
     return lines
-
-
-def _recipe_or_none(path: Path) -> Optional[dict]:
-    from ..generation.recipe import read_recipe
-
-    try:
-        return read_recipe(path)
-    except LatentDiffusionError:
-        return None

@@ -17,20 +17,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from ..checks import Limits, whole_number
 from ..distributed import on_main
 from ..errors import InvalidInputError, LatentDiffusionError
-from ..fileio import atomic_write
-from .folder import ERRORS, append_line, check_folder, lock_folder, manifest_line, merge, prepare_folder
-from .rows import Defaults, Item, check_values, expand, read_rows
+from .folder import ERRORS, check_folder, lock_folder, manifest_line, merge, prepare_folder
+from .rows import Defaults, Item, Row, RowError, check_values, expand, read_rows
+from .storage import PartWriter, open_folder
 
 
 @dataclass
 class BatchConfig:
     prompts: Path
-    out: Path
+    out: Union[Path, str]  # a folder, or a URL of any file system fsspec can write (storage.py)
     model: Optional[str] = None
     preset: Optional[str] = None
     preset_seed: int = 0
@@ -60,68 +60,34 @@ def run_batch(config: BatchConfig) -> int:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from ..generation.pipeline import LatentDiffusion
-
-    limits = config.limits
-    if whole_number(config.batch_size) is None or config.batch_size < 1:
-        raise InvalidInputError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if config.batch_size > limits.images:
-        raise limits.exceeded("images", f"--batch-size {config.batch_size}")
-    check_values(config.defaults.n, config.defaults.steps, config.defaults.guidance,
-                 config.defaults.width, config.defaults.height, config.defaults.scheduler, limits=limits)  # fmt: skip
-    rows, parse_errors = read_rows(config.prompts, config.defaults, limits)
-    if not rows and not parse_errors:
-        raise InvalidInputError(f"prompts file {config.prompts} holds no prompts")
-    items = expand(rows, config.base_seed)
-
+    rows, parse_errors, items = read_items(config)
     state = PartialState(cpu=(config.device or "").startswith("cpu") or not torch.cuda.is_available())
     device = _process_device(config.device, state)
-    run_info = {
-        "dtype": config.dtype,
-        "device": torch.device(device).type,
-        "base_seed": config.base_seed,
-        "defaults": asdict(config.defaults),
-    }
-    if config.loras:  # unfused LoRAs are not in the weight hash, so they are part of what makes a run
-        run_info["loras"] = _lora_records(config.loras)
-    out = Path(config.out)
+    run_info = base_run_info(config, torch.device(device).type)
+    out = open_folder(config.out)
     # the folder first: taken by another batch, or holding another run, is refused before the load
     lock = on_main(lock_folder, out)
     on_main(check_folder, out, items, run_info, config.overwrite)
 
-    pipe = (
-        LatentDiffusion.from_preset(config.preset, seed=config.preset_seed)
-        if config.preset
-        else LatentDiffusion.from_pretrained(config.model)
-    ).to(device, getattr(torch, config.dtype))
-    pipe.limits = limits
-    for lora_path, scale in config.loras:
-        pipe.load_lora(lora_path, scale=scale)
-    if config.fast:
-        pipe.optimize(dtype=config.dtype)  # in the run's recorded dtype, so run.json stays true
-    # the model by its weights (the path is for the reader)
-    run_info = {"model": pipe.source, "model_hash": pipe.weight_hash(), **run_info}
+    pipe = load_pipeline(config, device)
+    run_info = {**model_record(pipe), **run_info}
     on_main(prepare_folder, out, items, run_info, pipe.default_size, config.overwrite)
 
     # After on_main (a barrier) every process sees the same folder, so they all agree on
     # what is left to do; the remaining images are dealt out round-robin.
-    pending = [it for it in items if not (out / it.file).exists()]
+    pending = not_made(out, items)
     mine = pending[state.process_index :: state.num_processes]
-    part = out / f"manifest.part-{state.process_index}.jsonl"
+    part = PartWriter(out, str(state.process_index))
     errors = [asdict(e) for e in parse_errors] if state.is_main_process else []
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(mine), unit="img", desc="images", disable=not (config.progress and state.is_main_process))
-    for _, group in groupby(sorted(mine, key=_batch_key), key=_batch_key):
-        group = list(group)
-        for start in range(0, len(group), config.batch_size):
-            chunk = group[start : start + config.batch_size]
-            errors += _make(pipe, chunk, out, part)
-            bar.update(len(chunk))
+    for chunk in plan(mine, config.batch_size):
+        errors += _make(pipe, chunk, out, part)
+        bar.update(len(chunk))
     bar.close()
-    with atomic_write(out / f"errors.part-{state.process_index}.jsonl", "w") as f:
-        f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in errors)
+    out.write(f"errors.part-{state.process_index}.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
 
     state.wait_for_everyone()
     on_main(merge, out, items)
@@ -134,11 +100,85 @@ def run_batch(config: BatchConfig) -> int:
     return 1 if failed else 0
 
 
-def summary(out: Path, rows: int, images: int, pending: int) -> str:
+# -- the steps both engines share (ray_engine.py runs them as Ray Data stages) ------------------
+
+
+def read_items(config: BatchConfig) -> tuple[list[Row], list[RowError], list[Item]]:
+    """The options checked, the prompts file read: (rows, rows that failed, the images to make)."""
+    limits = config.limits
+    if whole_number(config.batch_size) is None or config.batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.batch_size > limits.images:
+        raise limits.exceeded("images", f"--batch-size {config.batch_size}")
+    check_values(config.defaults.n, config.defaults.steps, config.defaults.guidance,
+                 config.defaults.width, config.defaults.height, config.defaults.scheduler, limits=limits)  # fmt: skip
+    rows, parse_errors = read_rows(config.prompts, config.defaults, limits)
+    if not rows and not parse_errors:
+        raise InvalidInputError(f"prompts file {config.prompts} holds no prompts")
+    return rows, parse_errors, expand(rows, config.base_seed)
+
+
+def base_run_info(config: BatchConfig, device_type: str) -> dict:
+    """What makes a run, as far as it is known before the model is loaded (run.json without the model)."""
+    run_info = {
+        "dtype": config.dtype,
+        "device": device_type,
+        "base_seed": config.base_seed,
+        "defaults": asdict(config.defaults),
+    }
+    if config.loras:  # unfused LoRAs are not in the weight hash, so they are part of what makes a run
+        run_info["loras"] = _lora_records(config.loras)
+    return run_info
+
+
+def load_pipeline(config: BatchConfig, device: str):
+    """The run's pipeline on ``device``: the model in the run's dtype, its LoRAs, the fast path."""
+    import torch
+
+    from ..generation.pipeline import LatentDiffusion
+
+    pipe = (
+        LatentDiffusion.from_preset(config.preset, seed=config.preset_seed)
+        if config.preset
+        else LatentDiffusion.from_pretrained(config.model)
+    ).to(device, getattr(torch, config.dtype))
+    pipe.limits = config.limits
+    for lora_path, scale in config.loras:
+        pipe.load_lora(lora_path, scale=scale)
+    if config.fast:
+        pipe.optimize(dtype=config.dtype)  # in the run's recorded dtype, so run.json stays true
+    return pipe
+
+
+def model_record(pipe) -> dict:
+    """The model in run.json: by its weights (the path is for the reader)."""
+    return {"model": pipe.source, "model_hash": pipe.weight_hash()}
+
+
+def not_made(out, items: list[Item]) -> list[Item]:
+    """The images the folder does not hold yet (one listing of the folder, not a look-up per image)."""
+    present = set(open_folder(out).names("*.png"))
+    return [it for it in items if it.file not in present]
+
+
+def plan(items: list[Item], batch_size: int) -> list[list[Item]]:
+    """The pipeline calls that make ``items``: compatible images together, at most ``batch_size`` a call.
+
+    The same items give the same calls, so the same images to the bit, whichever engine or worker runs them.
+    """
+    chunks = []
+    for _, group in groupby(sorted(items, key=_batch_key), key=_batch_key):
+        group = list(group)
+        chunks += [group[start : start + batch_size] for start in range(0, len(group), batch_size)]
+    return chunks
+
+
+def summary(out, rows: int, images: int, pending: int) -> str:
     """The line a finished run ends with: what was made, and which rows failed and where the reasons are."""
     from .folder import read_jsonl
 
-    failed = read_jsonl(out / ERRORS)
+    out = open_folder(out)
+    failed = read_jsonl(out, ERRORS)
     made = pending - sum(1 for e in failed if e.get("index") is not None)
     if not failed:
         if pending == 0:
@@ -148,7 +188,7 @@ def summary(out: Path, rows: int, images: int, pending: int) -> str:
     first = failed[0]
     where = f"line {first.get('line')}" + (f" (id {first['id']!r})" if first.get("id") is not None else "")
     return (f"{len(bad_rows)} of {rows} rows failed, {made} images made; first: {where}: {first.get('reason')}; "
-            f"all reasons in {out / ERRORS}")  # fmt: skip
+            f"all reasons in {out.join(ERRORS)}")  # fmt: skip
 
 
 def _lora_records(loras) -> list[dict]:
@@ -180,14 +220,22 @@ def _batch_key(item: Item):
     return (r.width or 0, r.height or 0, r.steps, r.scheduler or "", r.guidance)
 
 
-def _make(pipe, chunk: list[Item], out: Path, part: Path) -> list[dict]:
+def _make(pipe, chunk: list[Item], out, part: PartWriter) -> list[dict]:
     """Generate one batch and write its images; returns the error records (empty on success).
 
     A failed batch never stops the run: bad values in the rows are recorded for each of its rows;
     any other failure (out of memory, say) is retried one image at a time before the images that
     still fail are recorded. An image that cannot be written (disk full) is recorded too.
     """
-    from ..generation.recipe import save_png
+    out = open_folder(out)
+    try:
+        return _make_one_call(pipe, chunk, out, part)
+    finally:
+        part.flush()
+
+
+def _make_one_call(pipe, chunk: list[Item], out, part: PartWriter) -> list[dict]:
+    from ..generation.recipe import png_bytes
 
     start = time.perf_counter()
     try:
@@ -202,16 +250,16 @@ def _make(pipe, chunk: list[Item], out: Path, part: Path) -> list[dict]:
         return [_error(it, str(e)) for it in chunk]
     except Exception as e:  # noqa: BLE001 - one failed batch must not end a run of thousands
         if len(chunk) > 1:
-            return [err for it in chunk for err in _make(pipe, [it], out, part)]
+            return [err for it in chunk for err in _make_one_call(pipe, [it], out, part)]
         return [_error(chunk[0], f"{type(e).__name__}: {e}")]
     seconds = (time.perf_counter() - start) / len(chunk)
     errors = []
     for item, image, params in zip(chunk, result.images, result.params):
         try:
-            save_png(image, out / item.file, params)  # atomic: complete or absent
-            append_line(part, manifest_line(item, params, seconds))  # only after the file is in place
+            out.write(item.file, png_bytes(image, params))  # atomic: complete or absent
+            part.add(manifest_line(item, params, seconds))  # only after the file is in place
         except OSError as e:
-            errors.append(_error(item, f"could not write {out / item.file}: {e}"))
+            errors.append(_error(item, f"could not write {out.join(item.file)}: {e}"))
     return errors
 
 

@@ -121,23 +121,27 @@ def png_bytes(image, params: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The recipe stored in a PNG that latentdiff wrote."""
-    recipe, _ = read_png(path)
+def read_recipe(path: str | Path, data: Optional[bytes] = None) -> dict[str, Any]:
+    """The recipe stored in a PNG that latentdiff wrote (``data``: its bytes, already read from ``path``)."""
+    recipe, _ = read_png(path, data)
     if recipe is None:
         raise InvalidInputError(f"{path} has no latentdiff recipe; only PNGs written by latentdiff can be remade")
     return recipe
 
 
-def read_png(path: str | Path) -> tuple[Optional[dict[str, Any]], Optional[str]]:
-    """The latentdiff recipe (None if the PNG has none) and the A1111 infotext (None if none) of a PNG."""
+def read_png(path: str | Path, data: Optional[bytes] = None) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """The latentdiff recipe (None if the PNG has none) and the A1111 infotext (None if none) of a PNG
+    (``data``: its bytes, already read from ``path``, a local path or a URL)."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path} does not exist; give a PNG that latentdiff wrote")
+    if data is None:
+        path = Path(path)
+        if not path.is_file():
+            raise MissingFileError(f"{path} does not exist; give a PNG that latentdiff wrote")
     try:
-        with Image.open(path) as im:  # text chunks before the pixels are read without decoding
+        with Image.open(path if data is None else io.BytesIO(data)) as im:  # text chunks before the pixels are read without decoding
             if im.format != "PNG":
                 raise InvalidInputError(f"{path} is a {im.format} image, not a PNG that latentdiff wrote")
             text, infotext = im.info.get(PNG_KEY), im.info.get("parameters")
