@@ -264,8 +264,9 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict, args) -> None:
-    print(f"device: {result['device']}; torch {result['torch']}, diffusers {result['diffusers']}; preset "
-          f"{args.preset}, {result['size']}x{result['size']}, {args.steps} {args.scheduler} steps, {result['dtype']}")  # fmt: skip
+    weights = f"model {args.model}" if args.model else f"preset {args.preset}"
+    print(f"device: {result['device']}; torch {result['torch']}, diffusers {result['diffusers']}; {weights}, "
+          f"{result['size']}x{result['size']}, {args.steps} {args.scheduler} steps, {result['dtype']}")  # fmt: skip
     mfu_note = "" if result["peak_tflops"] else " (MFU: no peak known for this device; pass --peak-tflops)"
     print(f"U-Net with CFG: {result['unet_tflop_per_cfg_step'] * 1e3:.3f} GFLOP per step{mfu_note}")
     head = f"{'pipeline':<27}{'bs1 median s':>13}{'vs eager':>9}{'vs comp.':>9}{f'bs{args.batch} img/s':>12}"

@@ -33,7 +33,7 @@ def fresh() -> LatentDiffusion:
 
 @pytest.mark.parametrize("scheduler", [None, "dpmpp_2m"])
 def test_fused_channels_last_matches_default(tiny, scheduler):
-    fast = fresh().optimize(compile=False)
+    fast = fresh().optimize(compile=False, fuse_qkv=True)  # (on a CPU the default leaves QKV unfused)
     assert any(hasattr(m, "to_qkv") for m in fast.unet.modules())  # really fused
     expected = tiny(PROMPTS, scheduler=scheduler, **RUN).images
     got = fast(PROMPTS, scheduler=scheduler, **RUN).images
@@ -72,7 +72,7 @@ def test_optimize_keeps_the_weight_hash_of_sdxl_models(preset):
     """Both text encoders (or the refiner's second alone) are part of the weights that the hash names."""
     pipe = LatentDiffusion.from_preset(preset, seed=0)
     before = pipe.weight_hash()
-    pipe.optimize(compile=False)
+    pipe.optimize(compile=False, fuse_qkv=True)
     assert any(hasattr(m, "to_qkv") for m in pipe.unet.modules())
     assert pipe.weight_hash() == before
     with torch.no_grad():
@@ -90,6 +90,13 @@ def test_optimize_twice_and_bad_options():
         fresh().optimize(backend="no-such-backend")
     with pytest.raises(InvalidInputError, match="dtype"):
         fresh().optimize(dtype="float8")
+
+
+def test_cpu_default_skips_the_qkv_fusion_that_does_not_pay_there():
+    pipe = fresh().optimize(compile=False)
+    assert pipe.device.type == "cpu"
+    assert not any(hasattr(m, "to_qkv") for m in pipe.unet.modules())
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # channels_last does pay
 
 
 def test_cpu_keeps_float32_unless_asked():

@@ -9,7 +9,10 @@ What it does to the pipeline, in place (each a switch of ``FastOptions``):
 - **channels_last** memory format for the U-Net and the VAE (NHWC convolutions are the fast
   cuDNN / oneDNN layout).
 - **fused QKV projections** (diffusers' ``fuse_qkv_projections``): one GEMM for q, k, v in
-  self-attention and one for k, v in cross-attention instead of three / two.
+  self-attention and one for k, v in cross-attention instead of three / two. On CUDA only by
+  default: on a CPU it gained nothing (``benchmarks/cpu_layout.py`` on the default model, one
+  thread: 0.996x the U-Net time at batch 1, 1.001x at batch 8), while channels_last did
+  (0.986-0.988x the U-Net time, 0.82x the VAE decode at batch 1).
 - **torch.compile** of the U-Net and of the VAE decoder. The U-Net runs 50 times per image with the
   same shapes, so on CUDA it gets ``mode="reduce-overhead"`` (inductor kernels replayed as one CUDA
   graph: no per-kernel launch cost); the decoder runs once per batch and gets the default mode
@@ -47,7 +50,7 @@ class FastOptions:
     compile: bool = True
     dtype: str | None = None  # "float16" / "bfloat16" / "float32"; None: float16 on CUDA if float32 now
     channels_last: bool = True
-    fuse_qkv: bool = True
+    fuse_qkv: bool | None = None  # None: on CUDA (on a CPU it measured no gain: see above)
     compile_vae: bool = True
     mode: str | None = None  # U-Net compile mode; None: "reduce-overhead" on CUDA, else the default
     vae_mode: str | None = None  # VAE decoder compile mode; None: the default mode
@@ -105,7 +108,7 @@ def optimize(pipe, options: FastOptions = FastOptions()):
     if options.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    if options.fuse_qkv:
+    if options.fuse_qkv or (options.fuse_qkv is None and device.type == "cuda"):
         for net in (pipe.unet, pipe.vae):
             if _hooked_projections(net):
                 warnings.warn(
