@@ -102,7 +102,7 @@ def test_bad_clip_skip_and_embeds(tiny):
 
     with pytest.raises(InvalidInputError, match="clip_skip must be a whole number from 0 to 1"):
         tiny("x", clip_skip=2, num_inference_steps=1)
-    with pytest.raises(InvalidInputError, match="prompt_embeds has dimension 16, this model's text encoder 32"):
+    with pytest.raises(InvalidInputError, match="prompt_embeds has dimension 16, this model's text conditioning 32"):
         tiny(prompt_embeds=torch.zeros(1, 77, 16), num_inference_steps=1)
     with pytest.raises(InvalidInputError, match="give prompt or prompt_embeds"):
         tiny("x", prompt_embeds=torch.zeros(1, 77, 32), num_inference_steps=1)
