@@ -88,6 +88,7 @@ def denoise(
     progress: Optional[bool] = False,
     timesteps: Optional[torch.Tensor] = None,
     inpaint: Optional[Inpaint] = None,
+    control: Optional[Callable[..., dict]] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps over ``latents`` (B, C, h, w) and return z_0.
 
@@ -95,6 +96,8 @@ def denoise(
     unconditional predictions come from one batched U-Net call on 2B latents (Ho & Salimans
     2022): eps = eps_u + s * (eps_c - eps_u). With ``uncond`` None there is one pass on B.
     ``timesteps`` defaults to all of the scheduler's (image-to-image runs only the last ones).
+    ``control`` (a ``control.ControlStep``) gives the U-Net's extra inputs at each step: ControlNet
+    residuals, T2I-Adapter features, IP-Adapter image embeddings.
     """
     embeds = cond if uncond is None else torch.cat([uncond, cond])  # (B or 2B, L, D)
     channels = None  # 9-channel inpainting input: mask and masked-image latents, for each pass
@@ -117,9 +120,10 @@ def denoise(
         t, t_host = device_timesteps[i], host_timesteps[i]
         model_in = latents if uncond is None else torch.cat([latents, latents])
         model_in = scheduler.scale_model_input(model_in, t_host)
+        inputs = {} if control is None else control(i, len(host_timesteps), t, model_in, embeds)  # (latents only)
         if channels is not None:
             model_in = torch.cat([model_in, channels], dim=1)
-        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False, **inputs)[0]
         if uncond is not None:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)

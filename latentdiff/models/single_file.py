@@ -21,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -155,10 +155,14 @@ def model_rules(unet, vae, text_encoder) -> list[L.Rule]:
 
 
 def account(tensors: dict[str, torch.Tensor], rules: list[L.Rule], model_shapes: dict[tuple[str, str], tuple],
-            text_layers: int) -> tuple[KeyReport, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
-    """Match the file's keys to the model's tensors: (report, state dicts per part of what fits)."""
+            ignored: Callable[[str], Optional[str]]) -> tuple[KeyReport, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
+    """Match the file's keys to the model's tensors: (report, state dicts per part of what fits).
+
+    A file key no rule uses is counted under ``ignored(key)`` (the reason it is known and unused), or
+    reported as unexpected when that is None.
+    """
     report = KeyReport()
-    states: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    states: dict[str, dict[str, torch.Tensor]] = {part: {} for rule in rules for part, _ in rule.targets}
     used = set()
     aliases = _clip_aliases(tensors)
     for rule in rules:
@@ -181,7 +185,7 @@ def account(tensors: dict[str, torch.Tensor], rules: list[L.Rule], model_shapes:
     for key in tensors:
         if key in used:
             continue
-        why = _ignored(key, text_layers)
+        why = ignored(key)
         if why is None:
             report.unexpected.append(key)
         else:
@@ -223,7 +227,8 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
     except L.LayoutError as e:
         raise InvalidInputError(f"the architecture of {path} has no original-layout form ({e})") from None
     shapes = {(part, k): tuple(v.shape) for part, m in parts.items() for k, v in m.state_dict().items()}
-    report, states = account(tensors, rules, shapes, parts["text_encoder"].config.num_hidden_layers)
+    text_layers = parts["text_encoder"].config.num_hidden_layers
+    report, states = account(tensors, rules, shapes, lambda key: _ignored(key, text_layers))
     if "heuristic" in arch.reason:
         print(f"latentdiff: {path}: read as {arch.description} ({arch.reason}); "
               f"pass variant= / --variant if that is wrong", file=sys.stderr)  # fmt: skip
