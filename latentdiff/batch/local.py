@@ -42,6 +42,7 @@ class BatchConfig:
     progress: bool = True
     defaults: Defaults = field(default_factory=Defaults)
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale), applied after loading
+    controlnets: tuple[tuple[str, float], ...] = ()  # (ControlNet folder or file, scale); rows give their control images
     fast: bool = False  # pipe.optimize(dtype=dtype) after the LoRAs: channels_last, fused QKV, torch.compile
     limits: Limits = field(default_factory=Limits)  # the pipeline's limits; --batch-size is bounded by limits.images
 
@@ -69,7 +70,7 @@ def run_batch(config: BatchConfig) -> int:
         raise limits.exceeded("images", f"--batch-size {config.batch_size}")
     check_values(config.defaults.n, config.defaults.steps, config.defaults.guidance,
                  config.defaults.width, config.defaults.height, config.defaults.scheduler, limits=limits)  # fmt: skip
-    rows, parse_errors = read_rows(config.prompts, config.defaults, limits)
+    rows, parse_errors = read_rows(config.prompts, config.defaults, limits, controls=len(config.controlnets))
     if not rows and not parse_errors:
         raise InvalidInputError(f"prompts file {config.prompts} holds no prompts")
     items = expand(rows, config.base_seed)
@@ -84,6 +85,8 @@ def run_batch(config: BatchConfig) -> int:
     }
     if config.loras:  # unfused LoRAs are not in the weight hash, so they are part of what makes a run
         run_info["loras"] = _lora_records(config.loras)
+    if config.controlnets:
+        run_info["controlnets"] = _controlnet_records(config.controlnets)
     out = Path(config.out)
     # the folder first: taken by another batch, or holding another run, is refused before the load
     lock = on_main(lock_folder, out)
@@ -97,6 +100,8 @@ def run_batch(config: BatchConfig) -> int:
     pipe.limits = limits
     for lora_path, scale in config.loras:
         pipe.load_lora(lora_path, scale=scale)
+    for controlnet_path, _ in config.controlnets:
+        pipe.load_controlnet(controlnet_path)
     if config.fast:
         pipe.optimize(dtype=config.dtype)  # in the run's recorded dtype, so run.json stays true
     # the model by its weights (the path is for the reader)
@@ -117,7 +122,7 @@ def run_batch(config: BatchConfig) -> int:
         group = list(group)
         for start in range(0, len(group), config.batch_size):
             chunk = group[start : start + config.batch_size]
-            errors += _make(pipe, chunk, out, part)
+            errors += _make(pipe, chunk, out, part, [scale for _, scale in config.controlnets])
             bar.update(len(chunk))
     bar.close()
     with atomic_write(out / f"errors.part-{state.process_index}.jsonl", "w") as f:
@@ -162,6 +167,24 @@ def _lora_records(loras) -> list[dict]:
     return [{"name": Path(path).stem, "sha256": file_sha256(path), "scale": float(scale)} for path, scale in loras]
 
 
+def _controlnet_records(controlnets) -> list[dict]:
+    """What identifies the run's ControlNets (name, file hash, scale), read before any model load: a
+    folder by its weights file."""
+    from ..errors import MissingFileError
+    from ..models.hashing import file_sha256
+
+    records = []
+    for path, scale in controlnets:
+        target = Path(path)
+        if target.is_dir():
+            weights = sorted(target.glob("diffusion_pytorch_model*")) or sorted(target.glob("controlnet/diffusion_pytorch_model*"))
+            target = weights[0] if weights else target / "diffusion_pytorch_model.safetensors"
+        if not target.is_file():
+            raise MissingFileError(f"ControlNet {path} does not exist or has no weights (--controlnet)")
+        records.append({"name": Path(path).stem, "sha256": file_sha256(target), "scale": float(scale)})
+    return records
+
+
 def _process_device(requested: Optional[str], state) -> str:
     """This process's device: the one asked for, but each process on its own GPU under a launcher."""
     import torch
@@ -180,7 +203,7 @@ def _batch_key(item: Item):
     return (r.width or 0, r.height or 0, r.steps, r.scheduler or "", r.guidance)
 
 
-def _make(pipe, chunk: list[Item], out: Path, part: Path) -> list[dict]:
+def _make(pipe, chunk: list[Item], out: Path, part: Path, control_scales: list[float]) -> list[dict]:
     """Generate one batch and write its images; returns the error records (empty on success).
 
     A failed batch never stops the run: bad values in the rows are recorded for each of its rows;
@@ -190,6 +213,11 @@ def _make(pipe, chunk: list[Item], out: Path, part: Path) -> list[dict]:
     from ..generation.recipe import save_png
 
     start = time.perf_counter()
+    control = {}
+    if control_scales:  # each image's own control images: per ControlNet, one per prompt
+        per_control = [[it.row.control_image[j] for it in chunk] for j in range(len(control_scales))]
+        control = {"control_image": per_control[0] if len(per_control) == 1 else per_control,
+                   "control_scale": control_scales}  # fmt: skip
     try:
         result = pipe(
             [it.row.prompt for it in chunk],
@@ -197,12 +225,13 @@ def _make(pipe, chunk: list[Item], out: Path, part: Path) -> list[dict]:
             seed=[it.seed for it in chunk],
             progress=False,
             **chunk[0].request(),
+            **control,
         )
     except LatentDiffusionError as e:
         return [_error(it, str(e)) for it in chunk]
     except Exception as e:  # noqa: BLE001 - one failed batch must not end a run of thousands
         if len(chunk) > 1:
-            return [err for it in chunk for err in _make(pipe, [it], out, part)]
+            return [err for it in chunk for err in _make(pipe, [it], out, part, control_scales)]
         return [_error(chunk[0], f"{type(e).__name__}: {e}")]
     seconds = (time.perf_counter() - start) / len(chunk)
     errors = []
