@@ -10,7 +10,10 @@ scheduler, prompt, seeds, size and steps:
 - latentdiff fast: ``pipe.optimize()`` (half precision on CUDA, channels_last, fused QKV,
   compiled U-Net with CUDA graphs and compiled VAE decoder).
 
-Measured: end-to-end latency at batch 1 (median of ``--runs`` after ``--warmup``), images/s at
+Every figure is taken interleaved (round r times each variant once before round r + 1), so a change
+of load on a shared machine falls on all variants alike; ``--threads`` sets torch's threads (1 is
+the honest setting on a busy CPU). Measured: end-to-end latency at batch 1 (median of ``--runs``
+after ``--warmup``), images/s at
 ``--batch``, one U-Net call with classifier-free guidance (batch 2) in ms and its MFU (FLOPs
 counted by ``torch.utils.flop_counter`` on the eager U-Net; peak from ``--peak-tflops`` or the
 device table below), peak memory (CUDA only), compile time, and the PSNR of latentdiff's fast
@@ -54,18 +57,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, runs: int, warmup: int, device: str) -> tuple[list[float], object]:
-    out = None
+def interleaved(fns: dict, runs: int, warmup: int, device: str) -> dict:
+    """{name: (seconds of each run, last output)}: ``warmup`` untimed calls of each, then ``runs``
+    rounds that time every function once, in turn."""
+    out = {name: None for name in fns}
     for _ in range(warmup):
-        out = fn()
-    times = []
+        for name, fn in fns.items():
+            out[name] = fn()
+    times = {name: [] for name in fns}
     for _ in range(runs):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times, out
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            out[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: (times[name], out[name]) for name in fns}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,6 +102,10 @@ def peak_tflops(device: str, given: float | None) -> float | None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="random-weight architecture: tiny (CPU) or sd15 / sd21")
+    p.add_argument("--model", default=None,
+                   help="a model folder instead of --preset ('default': the embedded default model)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own; on a shared CPU, 1 avoids thrashing)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 on CPU")  # fmt: skip
@@ -120,6 +131,8 @@ def build(args, dtype):
     from latentdiff.generation.samplers import make_scheduler
 
     def ours():
+        if args.model:
+            return LatentDiffusion.from_pretrained(None if args.model == "default" else args.model).to(args.device, dtype)
         return LatentDiffusion.from_preset(args.preset, seed=0).to(args.device, dtype)
 
     def theirs(pipe):
@@ -145,6 +158,8 @@ def build(args, dtype):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     variants = build(args, dtype)
     default = variants[OURS_DEFAULT]
@@ -170,32 +185,38 @@ def main(argv=None) -> dict:
     flops = unet_flops(default.unet, sample, t, embeds)
     peak = peak_tflops(args.device, args.peak_tflops)
 
-    rows, images = {}, {}
+    # Every measurement is interleaved: round r times each variant once before round r + 1 starts, so
+    # a change of machine load (other jobs on a shared CPU) falls on every variant alike.
+    rows = {name: {} for name in variants}
+    images = {}
     for name, pipe in variants.items():
-        row = {}
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         images[name] = call(name, pipe, 1)()  # first call: compiles where there is something to compile
-        row["first_call_s"] = time.perf_counter() - start
-        times, images[name] = timed(call(name, pipe, 1), args.runs, args.warmup, args.device)
-        row["median_s"], row["min_s"], row["runs"] = statistics.median(times), min(times), len(times)
-        row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-        batch_fn = call(name, pipe, args.batch)
-        batch_times, _ = timed(batch_fn, max(1, args.runs // 3), 1, args.device)
-        row["batch_images_per_s"] = args.batch / statistics.median(batch_times)
+        rows[name]["first_call_s"] = time.perf_counter() - start
+        rows[name]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
 
-        def unet_call(unet=pipe.unet):
+    def unet_call(pipe):
+        def run():
             with torch.no_grad():
-                return unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                return pipe.unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0]
 
-        step_times, _ = timed(unet_call, args.unet_runs, 3, args.device)
-        row["unet_step_ms"] = 1000 * statistics.median(step_times)
+        return run
+
+    single = interleaved({n: call(n, p, 1) for n, p in variants.items()}, args.runs, args.warmup, args.device)
+    batched = interleaved({n: call(n, p, args.batch) for n, p in variants.items()}, max(1, args.runs // 3), 1, args.device)
+    steps = interleaved({n: unet_call(p) for n, p in variants.items()}, args.unet_runs, 3, args.device)
+    for name, pipe in variants.items():
+        row = rows[name]
+        times, images[name] = single[name]
+        row["median_s"], row["min_s"], row["runs"] = statistics.median(times), min(times), len(times)
+        row["batch_images_per_s"] = args.batch / statistics.median(batched[name][0])
+        row["unet_step_ms"] = 1000 * statistics.median(steps[name][0])
         row["mfu"] = flops / (row["unet_step_ms"] / 1000) / (peak * 1e12) if peak else None
         if name == OURS_FAST:
             row["compile_report"] = [str(r) for r in pipe.compile_report]
-        rows[name] = row
 
     eager_s = rows[DIFFUSERS_EAGER]["median_s"]
     compiled_s = rows.get(DIFFUSERS_COMPILED, {}).get("median_s")

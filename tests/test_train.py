@@ -81,7 +81,10 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_complete_one(shapes, 
     command = [sys.executable, "-m", "latentdiff", "train", "--config", str(CONFIG), "--set", f"data.path={shapes}",
                "--set", f"train.output_dir={tmp_path / 'killed'}", "--set", "validation.prompts=[]",
                "--set", "train.max_steps=400", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=1",
-               "--set", "optim.lr_schedule='constant'"]  # fmt: skip
+               "--set", "optim.lr_schedule='constant'",
+               # the same CPU threads as the runs in this process: a float sum split over another number of
+               # threads rounds differently, so bit-exact resume needs the same thread count
+               "--threads", str(torch.get_num_threads())]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     out = tmp_path / "killed"
     try:

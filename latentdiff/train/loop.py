@@ -134,6 +134,7 @@ def save_checkpoint(run: Run) -> None:
         "seed": config.train.seed,  # the data order and noise derive from it
         "world_batch": run.global_batch,
         "processes": session.world,
+        "threads": torch.get_num_threads(),  # CPU sums split over another thread count round differently
     }
     path = checkpoints.save(session.accelerator, session.out, run.steps.step, state, to_toml(config),
                             config.checkpoint.keep, checkpoint_objects(run.lr_scheduler, run.ema))  # fmt: skip

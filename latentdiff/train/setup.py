@@ -401,6 +401,11 @@ def _resume(session: Session, global_batch: int, objects: dict[str, Any]) -> Opt
         )
     session.say(f"resumed from {path.name}: step {state['step']}, epoch {state['epoch']}, "
                 f"batch {state['position']} of the epoch")  # fmt: skip
+    threads = torch.get_num_threads()
+    if session.accelerator.device.type == "cpu" and state.get("threads", threads) != threads:
+        session.say(f"note: {path.name} was written with {state['threads']} CPU threads per process and this run "
+                    f"has {threads}; it carries on correctly, but not bit for bit as an uninterrupted run would "
+                    f"(set --threads {state['threads']} for that)")  # fmt: skip
     session.forget_log_after(state["step"], UNET_LOG_KEY)
     return state
 
