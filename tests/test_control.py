@@ -401,3 +401,27 @@ def test_ip_adapter_equals_diffusers(tiny_dir, tmp_path, no_network):
     assert np.abs(plain - made.images).max() > 1e-2
     with pytest.raises(InvalidInputError, match="ip_image needs an IP-Adapter"):
         ours("x", ip_image=prompt_image, num_inference_steps=2)
+
+
+def test_ip_adapter_files_read_safely(tmp_path):
+    """The releases' .bin pickle ({"image_proj": {...}, "ip_adapter": {...}}) is read with weights_only and
+    gives the same tensors as the .safetensors layout; other keys and missing parts are one-line errors."""
+    from safetensors.torch import save_file
+
+    from latentdiff.models.adapters import read_ip_adapter
+
+    proj, attn = {"proj.weight": torch.randn(8, 4)}, {"1.to_k_ip.weight": torch.randn(8, 8)}
+    torch.save({"image_proj": proj, "ip_adapter": attn}, tmp_path / "ip.bin")
+    save_file({**{f"image_proj.{k}": v for k, v in proj.items()}, **{f"ip_adapter.{k}": v for k, v in attn.items()}},
+              tmp_path / "ip.safetensors")  # fmt: skip
+    for name in ("ip.bin", "ip.safetensors"):
+        state = read_ip_adapter(tmp_path / name)
+        assert state.keys() == {"image_proj", "ip_adapter"}
+        assert torch.equal(state["image_proj"]["proj.weight"], proj["proj.weight"])
+        assert torch.equal(state["ip_adapter"]["1.to_k_ip.weight"], attn["1.to_k_ip.weight"])
+    save_file({"image_proj.proj.weight": proj["proj.weight"]}, tmp_path / "half.safetensors")
+    with pytest.raises(InvalidInputError, match="is not an IP-Adapter"):
+        read_ip_adapter(tmp_path / "half.safetensors")
+    torch.save({"image_proj": proj, "ip_adapter": attn, "lora": {"x": torch.zeros(1)}}, tmp_path / "faceid.bin")
+    with pytest.raises(InvalidInputError, match="keys outside image_proj / ip_adapter"):
+        read_ip_adapter(tmp_path / "faceid.bin")
