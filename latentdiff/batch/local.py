@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..checks import Limits, whole_number
 from ..distributed import on_main
@@ -203,7 +203,7 @@ def _batch_key(item: Item):
     return (r.width or 0, r.height or 0, r.steps, r.scheduler or "", r.guidance)
 
 
-def _make(pipe, chunk: list[Item], out: Path, part: Path, control_scales: list[float]) -> list[dict]:
+def _make(pipe, chunk: list[Item], out: Path, part: Path, control_scales: Sequence[float] = ()) -> list[dict]:
     """Generate one batch and write its images; returns the error records (empty on success).
 
     A failed batch never stops the run: bad values in the rows are recorded for each of its rows;
