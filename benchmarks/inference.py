@@ -4,7 +4,8 @@ All four run in one process on identical random weights of a preset (``from_pres
 built once per variant, so compiling or fusing one never touches another), with the same
 scheduler, prompt, seeds, size and steps:
 
-- diffusers eager: ``StableDiffusionPipeline`` as its docs set it up;
+- diffusers eager: ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL presets) as its
+  docs set it up;
 - diffusers compiled: the same with the U-Net in channels_last and ``torch.compile`` (default mode);
 - latentdiff default: ``LatentDiffusion`` as loaded (exact, not tuned);
 - latentdiff fast: ``pipe.optimize()`` (half precision on CUDA, channels_last, fused QKV,
@@ -21,6 +22,7 @@ image against diffusers' eager image for the same seed. Prints a table and write
 
     python benchmarks/inference.py --preset tiny                                   # CPU
     python benchmarks/inference.py --preset sd15 --device cuda --dtype float16     # GPU, SD 1.5 shapes
+    python benchmarks/inference.py --preset sdxl --device cuda --dtype float16     # GPU, SDXL base shapes
 """
 
 from __future__ import annotations
@@ -81,13 +83,24 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def unet_flops(unet, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> int:
+def unet_flops(unet, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, extra: dict) -> int:
     """FLOPs of one U-Net forward (2 per multiply-add), counted on the eager module."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(sample, t, encoder_hidden_states=embeds, return_dict=False)
+        unet(sample, t, encoder_hidden_states=embeds, return_dict=False, **extra)
     return counter.get_total_flops()
+
+
+def unet_inputs(pipe, batch: int, size: int, device, dtype) -> tuple[torch.Tensor, dict]:
+    """Random text conditioning (batch, 77, D) for the U-Net, and for SDXL its added inputs: pooled
+    text embeddings and micro-conditioning (``added_cond_kwargs``)."""
+    embeds = torch.randn(batch, 77, pipe.conditioning_width).to(device, dtype)
+    if not pipe.sdxl:
+        return embeds, {}
+    values = [size, size, 0, 0, size, size][: pipe.time_id_count]
+    return embeds, {"added_cond_kwargs": {"text_embeds": torch.randn(batch, pipe.pooled_width).to(device, dtype),
+                                          "time_ids": torch.tensor([values] * batch).to(device, dtype)}}  # fmt: skip
 
 
 def peak_tflops(device: str, given: float | None) -> float | None:
@@ -101,7 +114,8 @@ def peak_tflops(device: str, given: float | None) -> float | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="random-weight architecture: tiny (CPU) or sd15 / sd21")
+    p.add_argument("--preset", default="tiny",
+                   help="random-weight architecture: tiny / tiny-sdxl (CPU) or sd15 / sd21 / sdxl")  # fmt: skip
     p.add_argument("--model", default=None,
                    help="a model folder instead of --preset ('default': the embedded default model)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
@@ -125,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args, dtype):
     """The four variants, each on its own copy of the same weights."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from latentdiff import LatentDiffusion
     from latentdiff.generation.samplers import make_scheduler
@@ -136,11 +150,14 @@ def build(args, dtype):
         return LatentDiffusion.from_preset(args.preset, seed=0).to(args.device, dtype)
 
     def theirs(pipe):
-        ref = StableDiffusionPipeline(
-            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-            scheduler=make_scheduler(args.scheduler, pipe.scheduler_config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
+        common = {"vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer, "unet": pipe.unet,
+                  "scheduler": make_scheduler(args.scheduler, pipe.scheduler_config)}  # fmt: skip
+        if pipe.sdxl:
+            if pipe.text_encoder is None:
+                raise SystemExit("the refiner refines images: benchmark a base model (sdxl, tiny-sdxl)")
+            ref = StableDiffusionXLPipeline(**common, text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+        else:
+            ref = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         ref.set_progress_bar_config(disable=True)
         return ref
 
@@ -165,7 +182,8 @@ def main(argv=None) -> dict:
     default = variants[OURS_DEFAULT]
     size = args.size or default.default_size
     prompt = "a photograph of an astronaut riding a horse"
-    common = {"num_inference_steps": args.steps, "height": size, "width": size, "output_type": "np"}
+    # (guidance given: diffusers' SDXL default is 5, ours and SD's 7.5)
+    common = {"num_inference_steps": args.steps, "height": size, "width": size, "output_type": "np", "guidance_scale": 7.5}
     cuda = args.device.startswith("cuda")
 
     def call(name, pipe, batch):
@@ -179,10 +197,9 @@ def main(argv=None) -> dict:
     # one U-Net call with CFG: latents (2, 4, h, w), text (2, 77, D)
     f = default.vae_scale_factor
     sample = torch.randn(2, default.unet.config.in_channels, size // f, size // f).to(args.device, dtype)
-    embeds = torch.randn(2, default.tokenizer.model_max_length, default.text_encoder.config.hidden_size)
-    embeds = embeds.to(args.device, dtype)
+    embeds, extra = unet_inputs(default, 2, size, args.device, dtype)
     t = torch.tensor(500, device=args.device)
-    flops = unet_flops(default.unet, sample, t, embeds)
+    flops = unet_flops(default.unet, sample, t, embeds, extra)
     peak = peak_tflops(args.device, args.peak_tflops)
 
     # Every measurement is interleaved: round r times each variant once before round r + 1 starts, so
@@ -201,7 +218,7 @@ def main(argv=None) -> dict:
     def unet_call(pipe):
         def run():
             with torch.no_grad():
-                return pipe.unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                return pipe.unet(sample, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
 
         return run
 

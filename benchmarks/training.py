@@ -17,6 +17,7 @@ against the device peak), peak memory (CUDA). Prints a table and writes JSON.
 
     python benchmarks/training.py --preset tiny --size 64 --batch 4 --steps 6          # CPU smoke run
     python benchmarks/training.py --preset sd15 --size 512 --batch 32 --compile         # one GPU
+    python benchmarks/training.py --preset sdxl --size 1024 --batch 8 --compile         # one GPU, SDXL base shapes
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import _version, device_name, peak_tflops, sync, unet_flops  # noqa: E402  (the shared helpers)
+from inference import _version, device_name, peak_tflops, sync, unet_flops, unet_inputs  # noqa: E402  (the shared helpers)
 
 from latentdiff import LatentDiffusion  # noqa: E402
 from latentdiff.train.config import TrainConfig  # noqa: E402
@@ -49,7 +50,7 @@ OURS_LORA = "latentdiff trainer, LoRA rank 16"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", help="architecture (tiny, small, sd15, sd21)")
+    p.add_argument("--preset", default="tiny", help="architecture (tiny, tiny-sdxl, small, sd15, sd21, sdxl)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (512 for sd15)")
     p.add_argument("--batch", type=int, default=4, help="images per step")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
@@ -81,7 +82,7 @@ def plain_loop(pipe, args, device: str) -> float:
     scheduler = DDPMScheduler.from_config(pipe.scheduler_config)
     factor = pipe.vae_scale_factor
     latents = torch.randn(args.batch, unet.config.in_channels, args.size // factor, args.size // factor, device=device)
-    embeds = torch.randn(args.batch, 77, unet.config.cross_attention_dim, device=device)
+    embeds, extra = unet_inputs(pipe, args.batch, args.size, device, torch.float32)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
@@ -89,7 +90,7 @@ def plain_loop(pipe, args, device: str) -> float:
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), device=device)
         with autocast:
-            pred = unet(scheduler.add_noise(latents, noise, t), t, embeds).sample
+            pred = unet(scheduler.add_noise(latents, noise, t), t, embeds, **extra).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
         optimizer.step()
@@ -134,7 +135,8 @@ def main(argv=None) -> dict:
         make_images(data, args.batch * (args.warmup + args.steps), args.size)
         factor = pipe.vae_scale_factor
         sample = torch.randn(args.batch, pipe.unet.config.in_channels, args.size // factor, args.size // factor)
-        flops_per_image = 3 * unet_flops(pipe.unet, sample, torch.full((args.batch,), 500), torch.randn(args.batch, 77, pipe.unet.config.cross_attention_dim)) / args.batch  # fmt: skip
+        embeds, extra = unet_inputs(pipe, args.batch, args.size, "cpu", torch.float32)
+        flops_per_image = 3 * unet_flops(pipe.unet, sample, torch.full((args.batch,), 500), embeds, extra) / args.batch
         peak = peak_tflops(device, args.peak_tflops)
 
         rows = []

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", parents=[common], help="make images from a prompt (or remake one from its PNG)")
     g.add_argument("prompt", nargs="?", help='the prompt ("" for an unconditional image)')
     g.add_argument("--negative", default=None, help="negative prompt (what to steer away from)")
+    g.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
+    g.add_argument("--negative-2", default=None, help="SDXL: the second text encoder's negative prompt (default: --negative)")
     g.add_argument("-n", "--num-images", type=int, default=None, help="images to make (default 1)")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
@@ -190,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, metavar="FILE.toml", help="run configuration (see training/configs/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, TOML syntax: --set optim.lr=1e-5 --set checkpoint.resume=latest")  # fmt: skip
+    t.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: OMP_NUM_THREADS if set, else torch's own). A run resumes "
+                        "bit for bit only with the thread count it was saved with")  # fmt: skip
     return parser
 
 

@@ -66,6 +66,8 @@ def generate(args) -> int:
     overrides = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
+        "prompt_2": args.prompt_2,
+        "negative_prompt_2": args.negative_2,
         "num_inference_steps": args.steps,
         "guidance_scale": args.cfg,
         "guidance_rescale": args.rescale,
@@ -207,6 +209,8 @@ def train(args) -> int:
     from .train.config import TrainConfig
     from .train.loop import train as run
 
+    if args.threads is not None:  # else torch's default: fixed, unlike the load-dependent default of the
+        set_threads(args.threads, "")  # other commands, so that a resumed run keeps its thread count
     try:
         result = run(TrainConfig.load(args.config, args.set))
     except BaseException:
@@ -250,16 +254,16 @@ def info(args) -> int:
         return 0
     print(f"source: {json.dumps(described['source'])}")
     print(f"weight hash: {described['weight_hash']}")
-    print(f"default size: {described['default_size'][0]}x{described['default_size'][1]}, "
+    print(f"family: {described['family']}, default size: {described['default_size'][0]}x{described['default_size'][1]}, "
           f"prediction: {described['prediction_type']}")  # fmt: skip
     total = 0
     for name, part in described["components"].items():
         if "parameters" in part:
             total += part["parameters"]
-            print(f"  {name:<13} {part['class']:<22} {part['parameters']:>14,} params  {part['dtype']}")
+            print(f"  {name:<14} {part['class']:<27} {part['parameters']:>14,} params  {part['dtype']}")
         else:
-            print(f"  {name:<13} {part['class']:<22} vocabulary {part['vocab_size']:,}")
-    print(f"  {'total':<13} {'':<22} {total:>14,} params")
+            print(f"  {name:<14} {part['class']:<27} vocabulary {part['vocab_size']:,}")
+    print(f"  {'total':<14} {'':<27} {total:>14,} params")
     print("scheduler config:")
     for key, value in sorted(described["scheduler"].items()):
         print(f"  {key} = {json.dumps(value)}")

@@ -162,3 +162,7 @@ def png_pixels(data: bytes):
     import io
 
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+class RealSizeModel(AssertionError):
+    """What the suite raises when a test asks for random weights of a real-size architecture (conftest.py)."""

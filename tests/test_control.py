@@ -425,3 +425,12 @@ def test_ip_adapter_files_read_safely(tmp_path):
     torch.save({"image_proj": proj, "ip_adapter": attn, "lora": {"x": torch.zeros(1)}}, tmp_path / "faceid.bin")
     with pytest.raises(InvalidInputError, match="keys outside image_proj / ip_adapter"):
         read_ip_adapter(tmp_path / "faceid.bin")
+
+
+def test_sdxl_models_refuse_controls_in_one_line(controlnet_dirs):
+    sdxl = LatentDiffusion.from_preset("tiny-sdxl")
+    for load in (lambda: sdxl.load_controlnet(controlnet_dirs[0]), lambda: sdxl.load_t2i_adapter(controlnet_dirs[0]),
+                 lambda: sdxl.load_ip_adapter(controlnet_dirs[0], image_encoder=controlnet_dirs[0])):  # fmt: skip
+        with pytest.raises(InvalidInputError, match="this is an SDXL model") as e:
+            load()
+        assert "\n" not in str(e.value)

@@ -67,6 +67,19 @@ def test_inductor_compiled_fast_path_matches_default(tiny):
     np.testing.assert_allclose(fast(PROMPTS, **RUN).images, tiny(PROMPTS, **RUN).images, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sdxl-refiner"])
+def test_optimize_keeps_the_weight_hash_of_sdxl_models(preset):
+    """Both text encoders (or the refiner's second alone) are part of the weights that the hash names."""
+    pipe = LatentDiffusion.from_preset(preset, seed=0)
+    before = pipe.weight_hash()
+    pipe.optimize(compile=False)
+    assert any(hasattr(m, "to_qkv") for m in pipe.unet.modules())
+    assert pipe.weight_hash() == before
+    with torch.no_grad():
+        pipe.text_encoder_2.text_model.final_layer_norm.bias.add_(1)  # a change in the second encoder is seen
+    assert pipe.weight_hash() != before
+
+
 def test_optimize_twice_and_bad_options():
     pipe = fresh()
     pipe.optimize(compile=False)
@@ -158,7 +171,8 @@ def test_cli_fast_flag(tmp_path, monkeypatch, capsys, tiny):
     assert diff.max() <= 1
 
 
-def test_benchmark_script_runs_on_tiny(tmp_path, capsys):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_benchmark_script_runs_on_tiny(preset, tmp_path, capsys):
     """Smoke test of benchmarks/inference.py at the smallest settings (no timing asserted)."""
     import importlib.util
     import json
@@ -169,7 +183,7 @@ def test_benchmark_script_runs_on_tiny(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "inference.json"
-    bench.main(["--preset", "tiny", "--steps", "1", "--runs", "1", "--warmup", "0", "--batch", "2",
+    bench.main(["--preset", preset, "--steps", "1", "--runs", "1", "--warmup", "0", "--batch", "2",
                 "--unet-runs", "1", "--no-compile", "--json", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"diffusers eager", "latentdiff default", "latentdiff fast"}
@@ -178,3 +192,21 @@ def test_benchmark_script_runs_on_tiny(tmp_path, capsys):
     assert result["psnr_fast_vs_diffusers_eager_db"] >= 100
     assert result["unet_tflop_per_cfg_step"] > 0
     assert "PSNR of latentdiff fast vs diffusers eager" in capsys.readouterr().out
+
+
+def test_training_benchmark_script_runs_on_tiny_sdxl(tmp_path, capsys):
+    """Smoke test of benchmarks/training.py with an SDXL preset (pooled embeddings and time ids reach the
+    plain loop's U-Net and the FLOP count); no timing asserted."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_training", Path(__file__).parents[1] / "benchmarks" / "training.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # (it puts benchmarks/ on sys.path for its shared helpers in inference.py)
+    out = tmp_path / "training.json"
+    bench.main(["--preset", "tiny-sdxl", "--size", "64", "--batch", "1", "--steps", "1", "--warmup", "0", "--no-lora",
+                "--json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["rows"]] == [bench.PLAIN, bench.OURS]
+    assert all(r["images_per_s"] > 0 for r in result["rows"]) and result["gflop_per_image"] > 0

@@ -13,6 +13,9 @@ from latentdiff.models.architectures import PRESETS, build_components
 PUBLISHED = {
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sd21": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+    # SDXL base 1.0 and refiner 1.0: OpenCLIP bigG with its projection as text_encoder_2
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+    "sdxl-refiner": {"unet": 2_259_526_660, "vae": 83_653_863, "text_encoder_2": 694_659_840},
 }
 
 
@@ -33,6 +36,15 @@ def test_sd21_is_v_prediction_with_openclip_padding():
     assert parts["scheduler_config"]["prediction_type"] == "v_prediction"
     assert parts["tokenizer"].pad_token_id == 0
     assert parts["unet"].config.sample_size * 8 == 768
+
+
+def test_sdxl_presets_are_sdxl_shaped():
+    with init_empty_weights():
+        base, refiner = build_components("sdxl"), build_components("sdxl-refiner")
+    assert refiner["text_encoder"] is None and refiner["tokenizer"] is None
+    assert base["tokenizer_2"].pad_token == "!" and base["tokenizer"].pad_token == "<|endoftext|>"
+    assert base["unet"].config.sample_size * 8 == 1024 and base["vae"].config.scaling_factor == 0.13025
+    assert base["scheduler_config"]["_class_name"] == "EulerDiscreteScheduler"
 
 
 def test_same_seed_same_weights_other_seed_other_weights():
@@ -57,6 +69,17 @@ def test_tiny_describes_itself(tiny):
     assert len(info["weight_hash"]) == 16
 
 
+def test_the_suite_refuses_random_weights_of_real_width():
+    """conftest.py's guard (a real-size request such as from_preset("sdxl") would be 13.9 GB; this one, if
+    the guard failed, a few hundred MB)."""
+    from helpers import RealSizeModel
+    from latentdiff.models import architectures
+
+    with pytest.raises(RealSizeModel, match="'tiny'.*320 channels"):
+        architectures.build_components("tiny", overrides={"unet": {"block_out_channels": [320, 320]}})
+    assert architectures.build_components("tiny", overrides={"unet": {"block_out_channels": [320, 320]}}, empty=True)
+
+
 def test_unknown_preset_lists_the_names():
     with pytest.raises(InvalidInputError, match=", ".join(PRESETS)):
-        LatentDiffusion.from_preset("sdxl")
+        LatentDiffusion.from_preset("sd3")

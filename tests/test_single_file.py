@@ -100,17 +100,9 @@ def test_openclip_layout_round_trips_through_diffusers(tiny_v, tmp_path, no_netw
 
 def _meta_checkpoint(preset: str) -> dict:
     """Original-layout keys with the real shapes of a preset, on the meta device (no memory)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from latentdiff.models.architectures import build_components
 
-    from latentdiff.models.architectures import PRESETS
-
-    p = PRESETS[preset]
-    with init_empty_weights():
-        unet, vae = UNet2DConditionModel(**p.unet), AutoencoderKL(**p.vae)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **p.text_encoder))
-    return original_state_dict(unet, vae, text)
+    return original_state_dict(build_components(preset, empty=True))
 
 
 @pytest.mark.parametrize("preset", ["sd15", "sd21"])
@@ -134,26 +126,35 @@ def test_detection_from_keys_and_shapes(preset):
     assert detect_architecture(tensors, {}, variant="sd2-v").unet["sample_size"] == 96
 
 
-@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+@pytest.mark.parametrize("preset", ["sd15", "sd21", "sdxl", "sdxl-refiner"])
 def test_release_files_have_every_key_accounted_for(preset):
     """Release files also hold EMA and schedule buffers, CLIP's position ids, and (SD 2.x) OpenCLIP's
     24th layer and contrastive head: known and unused, not unexpected. Shapes on the meta device."""
-    from helpers import build_nets as _build
-    from latentdiff.models.single_file import account, model_rules
+    from latentdiff.models.architectures import build_components
+    from latentdiff.models.single_file import account, model_rules, networks
 
     tensors = _meta_checkpoint(preset)
     arch = detect_architecture(tensors, {})
-    unet, vae, text, _ = _build(arch, empty=True)
+    parts = build_components(arch, empty=True)
     extra = ["model_ema.decay", "model_ema.num_updates", "alphas_cumprod", "betas", "posterior_variance"]
-    extra += (["cond_stage_model.transformer.text_model.embeddings.position_ids"] if preset == "sd15" else
-              ["cond_stage_model.model.transformer.resblocks.23.ln_1.weight", "cond_stage_model.model.text_projection",
-               "cond_stage_model.model.logit_scale"])  # fmt: skip
-    shapes = {(p, k): tuple(v.shape) for p, m in (("unet", unet), ("vae", vae), ("text_encoder", text))
-              for k, v in m.state_dict().items()}  # fmt: skip
-    report, _ = account({**tensors, **{k: torch.zeros(1) for k in extra}}, model_rules(unet, vae, text), shapes,
-                        text.config.num_hidden_layers)  # fmt: skip
+    extra += {"sd15": ["cond_stage_model.transformer.text_model.embeddings.position_ids"],
+              "sd21": ["cond_stage_model.model.transformer.resblocks.23.ln_1.weight",
+                       "cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"],
+              "sdxl": ["conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+                       "conditioner.embedders.1.model.logit_scale"],
+              "sdxl-refiner": ["conditioner.embedders.0.model.logit_scale"]}[preset]  # fmt: skip
+    shapes = {(p, k): tuple(v.shape) for p, m in networks(parts).items() for k, v in m.state_dict().items()}
+    first = parts["text_encoder"] or parts["text_encoder_2"]
+    report, _ = account({**tensors, **{k: torch.zeros(1) for k in extra}}, model_rules(parts), shapes,
+                        first.config.num_hidden_layers)  # fmt: skip
     assert report.clean, report.lines()
     assert report.loaded == len(tensors) and sum(report.ignored.values()) == len(extra)
+    if preset.startswith("sdxl"):
+        assert arch.name == preset
+        assert any(k.startswith("model.diffusion_model.label_emb.0.0.") for k in tensors)
+        bigg = "conditioner.embedders.1.model." if preset == "sdxl" else "conditioner.embedders.0.model."
+        assert tensors[bigg + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3 * 1280, 1280)
+        assert bigg + "text_projection" in tensors
 
 
 def _edited(path: Path, out: Path, drop: str | None, add: str) -> Path:

@@ -576,3 +576,111 @@ def test_the_first_run_config_trains_on_the_default_models_vae(shapes, tmp_path)
     model = LatentDiffusion.from_pretrained(result.model_dir)
     default = LatentDiffusion.from_pretrained()
     assert all(torch.equal(a, b) for a, b in zip(model.vae.state_dict().values(), default.vae.state_dict().values()))
+
+
+# -- SDXL -----------------------------------------------------------------------------------------
+
+SDXL_WEIGHTS = {**WEIGHTS, "text_encoder_2": "text_encoder_2/model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def wide_shapes(tmp_path_factory) -> Path:
+    """6 captioned pictures of three sizes (square, wide, tall): several buckets, crops and original sizes."""
+    folder = tmp_path_factory.mktemp("wide")
+    lines = []
+    for i, size in enumerate([(64, 64), (96, 64), (64, 96)] * 2):
+        image = Image.new("RGB", size, (255, 255, 255))
+        ImageDraw.Draw(image).ellipse((8, 8, 40 + 8 * i, 40), fill=(40 * i, 200 - 30 * i, 90))
+        image.save(folder / f"{i}.png")
+        lines.append(f'{{"file_name": "{i}.png", "text": "shape number {i}"}}\n')
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    return folder
+
+
+def sdxl_config(data: Path, out: Path, *overrides: str) -> TrainConfig:
+    return config(data, out, "model.preset='tiny-sdxl'", "data.bucket_step=32", "data.center_crop=false", *overrides)
+
+
+def sdxl_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return {f"{part}.{k}": v for part, file in SDXL_WEIGHTS.items() for k, v in load_file(model_dir / file).items()}
+
+
+def test_sdxl_resume_is_exact_and_the_model_loads_in_diffusers_with_the_same_image(wide_shapes, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    common = ("train.max_steps=4", "checkpoint.every=2")
+    straight = train(sdxl_config(wide_shapes, tmp_path / "a", *common))
+    shutil.copytree(tmp_path / "a" / "checkpoint-00000002", tmp_path / "b" / "checkpoint-00000002")
+    resumed = train(sdxl_config(wide_shapes, tmp_path / "b", *common))
+    wa, wb = sdxl_weights(straight.model_dir), sdxl_weights(resumed.model_dir)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    initial = LatentDiffusion.from_preset("tiny-sdxl")
+    assert not torch.equal(wa["text_encoder_2.text_projection.weight"], initial.text_encoder_2.text_projection.weight)
+    ours = LatentDiffusion.from_pretrained(straight.model_dir)
+    assert ours.sdxl and ours.force_zeros_for_empty_prompt
+    theirs = StableDiffusionXLPipeline.from_pretrained(straight.model_dir, local_files_only=True)
+    theirs.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 3.0, "height": 64, "width": 96}
+    a = ours("shape number 1", seed=5, output_type="np", progress=False, **kwargs).images[0]
+    b = theirs("shape number 1", generator=torch.Generator().manual_seed(5), output_type="np", **kwargs).images[0]
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_sdxl_samples_carry_their_true_size_and_crop_and_the_cache_holds_them(wide_shapes, tmp_path):
+    from latentdiff.data.buckets import assign_buckets, choose_view, sample_rng
+    from latentdiff.data.dataset import TrainDataset
+    from latentdiff.data.sources import scan
+
+    cfg = sdxl_config(wide_shapes, tmp_path / "c", "data.cache=true", "model.train_text_encoder=false",
+                      "train.max_steps=2", "checkpoint.every=0", "data.center_crop=true")  # fmt: skip
+    result = train(cfg)
+    assert result.cache.latents_encoded > 0 and result.cache.texts_encoded == 7
+    pipe = LatentDiffusion.from_preset("tiny-sdxl")
+    source = scan(cfg.data)
+    buckets, bucket_of = assign_buckets(source.records, cfg.data)
+    from latentdiff.data.cache import LatentCache
+    from latentdiff.models.hashing import weight_hash
+
+    cache = LatentCache(tmp_path / "c" / "cache", weight_hash([("vae", pipe.vae)]),
+                        weight_hash([n for n in pipe.networks() if n[0].startswith("text_encoder")]), time_ids=6)  # fmt: skip
+    plain = TrainDataset(source, buckets, bucket_of, cfg.data, cfg.train.seed, tokenizer=pipe.tokenizer,
+                         tokenizer_2=pipe.tokenizer_2, time_ids=6)  # fmt: skip
+    cached = TrainDataset(source, buckets, bucket_of, cfg.data, cfg.train.seed, cache=cache, time_ids=6)
+    for index, record in enumerate(source.records):
+        view = choose_view(record.size, buckets[bucket_of[index]], cfg.data, sample_rng(cfg.train.seed, 0, index))
+        item, stored = plain[(0, index)], cached[(0, index)]
+        (w, h), (left, top, right, bottom) = record.size, view.box
+        left = view.resize[0] - right if view.flip else left
+        assert item["time_ids"].tolist() == [h, w, top, left, bottom - view.box[1], right - view.box[0]]
+        assert torch.equal(stored["time_ids"], item["time_ids"])
+        assert stored["text_embeds"].shape == (77, 80) and stored["pooled"].shape == (48,)
+    assert any(record.size != (64, 64) for record in source.records)
+
+
+def test_sdxl_lora_run_writes_both_encoders_kohya_keys_that_apply(wide_shapes, tmp_path):
+    base_dir = LatentDiffusion.from_preset("tiny-sdxl").save_pretrained(tmp_path / "base")
+    result = train(sdxl_config(wide_shapes, tmp_path / "lora", f"model.path={base_dir}", "lora.enabled=true", "lora.rank=2",
+                               "lora.alpha=2.0", "model.train_text_encoder=true", "train.max_steps=2", "optim.lr=1e-2",
+                               "checkpoint.every=0"))  # fmt: skip
+    tensors = load_file(result.lora_file)
+    assert {k.split("_")[1] for k in tensors} == {"unet", "te1", "te2"}
+    pipe = LatentDiffusion.from_pretrained(base_dir)
+    report = pipe.load_lora(result.lora_file)
+    assert report.unmatched_keys == [] and report.applied_keys == len(tensors)
+
+
+def test_sdxl_two_processes_equal_one_with_the_same_global_batch(wide_shapes, tmp_path):
+    common = ["train.max_steps=2", "checkpoint.every=0", "optim.eps=1e-3", "train.ema=false", "model.preset='tiny-sdxl'",
+              "data.bucket_step=32", "data.center_crop=false"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(ROOT / "training" / "train.py"), "--config", str(CONFIG), "--set", f"data.path={wide_shapes}",
+               "--set", f"train.output_dir={tmp_path / 'two'}", "--set", "train.batch_size=1",
+               "--set", "validation.prompts=[]"]  # fmt: skip
+    for item in common:
+        command += ["--set", item]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = train(config(wide_shapes, tmp_path / "one", "train.batch_size=2", "validation.prompts=[]", *common))
+    wa, wb = sdxl_weights(tmp_path / "two" / "model"), sdxl_weights(one.model_dir)
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5

@@ -71,6 +71,19 @@ def choose_view(size: tuple[int, int], bucket: tuple[int, int], config: DataConf
     return View((rw, rh), (left, top, left + bw, top + bh), flip)
 
 
+def micro_conditioning(size: tuple[int, int], view: View, count: int) -> list[float]:
+    """SDXL's micro-conditioning of a training sample (Podell et al. 2023, Sec. 2.2): the image's true
+    original size (height, width), the top-left corner of the crop in the resized image as the model
+    sees it (mirrored with the image when flipped), and the bucket as target size; ``count`` 5 (the
+    refiner) puts an aesthetic score of 6 (its inference default) in place of the target size."""
+    width, height = size
+    left, top, right, bottom = view.box
+    if view.flip:
+        left = view.resize[0] - right
+    values = [float(height), float(width), float(top), float(left)]
+    return values + ([float(bottom - top), float(right - left)] if count == 6 else [6.0])
+
+
 def render_view(image: Image.Image, view: View) -> torch.Tensor:
     """The crop as a (3, H, W) tensor in [-1, 1]."""
     image = image.resize(view.resize, Image.Resampling.BICUBIC, reducing_gap=3.0).crop(view.box)

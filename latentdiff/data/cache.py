@@ -1,7 +1,8 @@
 """On-disk cache of VAE latents and text embeddings for training.
 
 A latent entry is keyed by SHA-256 of (image bytes, resize, crop box, flip, VAE weights); a text
-entry by (caption, text-encoder weights). An edited image or a changed model therefore misses the
+entry by (caption, text-encoder weights). For SDXL a latent entry also holds the sample's
+micro-conditioning (original size, crop corner, target size) and a text entry the pooled embedding. An edited image or a changed model therefore misses the
 cache and is encoded again, and an unchanged one never is. Entries are single safetensors files,
 written atomically, so a crash mid-fill leaves no half entry.
 """
@@ -17,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from ..fileio import atomic_write
-from .buckets import View, choose_view, render_view
-from .dataset import tokenize
+from .buckets import View, choose_view, micro_conditioning, render_view
+from .dataset import encode_captions, tokenize
 from .sources import DataConfig, Record, Source
 
 ENCODE_BATCH = 16
@@ -39,10 +40,11 @@ class CacheStats:
 
 
 class LatentCache:
-    def __init__(self, root: Path, vae_hash: Optional[str], text_hash: Optional[str]):
+    def __init__(self, root: Path, vae_hash: Optional[str], text_hash: Optional[str], time_ids: Optional[int] = None):
         self.root = Path(root)
         self.vae_hash = vae_hash  # None: latents are not cached
         self.text_hash = text_hash  # None: text embeddings are not cached (text encoder trains)
+        self.time_ids = time_ids  # SDXL: micro-conditioning values per sample (6 or 5), stored with the latents
 
     @property
     def has_latents(self) -> bool:
@@ -56,18 +58,22 @@ class LatentCache:
         return self.root / kind / key[:2] / f"{key}.safetensors"
 
     def latent_file(self, record: Record, view: View) -> Path:
-        key = _sha(record.digest, view.resize, view.box, view.flip, self.vae_hash)
+        extra = (self.time_ids,) if self.time_ids else ()  # (SD 1.x / 2.x keys stay as they were)
+        key = _sha(record.digest, view.resize, view.box, view.flip, self.vae_hash, *extra)
         return self._file("latents", key)
 
     def text_file(self, caption: str) -> Path:
         return self._file("text", _sha(caption, self.text_hash))
 
-    def load_latent(self, record: Record, view: View) -> torch.Tensor:
-        """(2C, h, w): the posterior mean stacked on its standard deviation."""
-        return load_file(self.latent_file(record, view))["latent_dist"]
+    def load_latent(self, record: Record, view: View) -> dict[str, torch.Tensor]:
+        """``latent_dist`` (2C, h, w): the posterior mean stacked on its standard deviation; SDXL:
+        ``time_ids`` (6,) or (5,)."""
+        return load_file(self.latent_file(record, view))
 
-    def load_text(self, caption: str) -> torch.Tensor:
-        return load_file(self.text_file(caption))["embeds"]
+    def load_text(self, caption: str) -> dict[str, torch.Tensor]:
+        """``text_embeds`` (77, D); SDXL: ``pooled`` (D',)."""
+        entry = load_file(self.text_file(caption))
+        return {"text_embeds": entry["embeds"], **({"pooled": entry["pooled"]} if "pooled" in entry else {})}
 
     def fill(
         self,
@@ -77,8 +83,9 @@ class LatentCache:
         config: DataConfig,
         *,
         vae=None,
-        text_encoder=None,
-        tokenizer=None,
+        text_encoders: Sequence = (),
+        tokenizers: Sequence = (),
+        sdxl: bool = False,
         rank: int = 0,
         world: int = 1,
         progress: bool = False,
@@ -104,7 +111,7 @@ class LatentCache:
             missing = [c for c in captions if not self.text_file(c).is_file()]
             stats.texts_reused = len(captions) - len(missing)
             stats.texts_encoded = len(missing)
-            self._encode_texts(missing[rank::world], text_encoder, tokenizer, progress)
+            self._encode_texts(missing[rank::world], text_encoders, tokenizers, sdxl, progress)
         return stats
 
     @torch.no_grad()
@@ -121,19 +128,24 @@ class LatentCache:
                 dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
                 stacked = torch.cat([dist.mean, dist.std], dim=1).float().cpu()  # (B, 2C, h, w)
                 for (record, view), value in zip(chunk, stacked):
-                    _write(self.latent_file(record, view), {"latent_dist": value.contiguous()})
+                    entry = {"latent_dist": value.contiguous()}
+                    if self.time_ids:
+                        entry["time_ids"] = torch.tensor(micro_conditioning(record.size, view, self.time_ids))
+                    _write(self.latent_file(record, view), entry)
                 bar.update(len(chunk))
         bar.close()
 
     @torch.no_grad()
-    def _encode_texts(self, captions: Sequence[str], text_encoder, tokenizer, progress: bool) -> None:
+    def _encode_texts(self, captions: Sequence[str], text_encoders, tokenizers, sdxl: bool, progress: bool) -> None:
         bar = _bar(len(captions), progress, "caching captions")
         for start in range(0, len(captions), ENCODE_BATCH):
             chunk = captions[start : start + ENCODE_BATCH]
-            ids = tokenize(tokenizer, chunk).to(text_encoder.device)
-            embeds = text_encoder(ids)[0].float().cpu()  # (B, 77, D)
-            for caption, value in zip(chunk, embeds):
-                _write(self.text_file(caption), {"embeds": value.contiguous()})
+            embeds, pooled = encode_captions(text_encoders, [tokenize(tok, chunk) for tok in tokenizers], sdxl)  # (B, 77, D)
+            for i, caption in enumerate(chunk):
+                entry = {"embeds": embeds[i].float().cpu().contiguous()}
+                if pooled is not None:
+                    entry["pooled"] = pooled[i].float().cpu().contiguous()
+                _write(self.text_file(caption), entry)
             bar.update(len(chunk))
         bar.close()
 

@@ -73,7 +73,13 @@ def _check_pixels(image, max_pixels: Optional[int], what: str) -> None:
 
 
 def image_hash(image) -> str:
-    """First 16 hex digits of SHA-256 over an RGB image's size and pixels."""
+    """First 16 hex digits of SHA-256 over an RGB image's size and pixels (or a latent tensor's
+    shape and float32 values)."""
+    if hasattr(image, "detach"):  # latents handed from another call
+        values = image.detach().float().cpu().contiguous()
+        h = hashlib.sha256(f"{tuple(values.shape)}".encode())
+        h.update(values.numpy().tobytes())
+        return h.hexdigest()[:16]
     h = hashlib.sha256(f"{image.size}".encode())
     h.update(np.asarray(image.convert("RGB")).tobytes())
     return h.hexdigest()[:16]

@@ -116,8 +116,7 @@ def optimize(pipe, options: FastOptions = FastOptions()):
                 )
             else:
                 net.fuse_qkv_projections()
-    nets = (pipe.unet, pipe.vae, pipe.text_encoder)
-    pipe._hash = (weights_fingerprint(nets), weights_hash)
+    pipe._hash = (weights_fingerprint(module for _, module in pipe.networks()), weights_hash)
     if options.compile:
         cuda = device.type == "cuda"
         unet_mode = options.mode if options.mode is not None else ("reduce-overhead" if cuda else None)

@@ -16,14 +16,14 @@ from ..models.lora import LoraSet
 from ..models.textual_inversion import Embedding
 from ..models.textual_inversion import expand as expand_tokens
 from .images import ImageInput
-from .prompts import count_chunks, encode_prompts
+from .prompts import CHUNK, count_chunks, encode_prompts
 from .recipe import image_params
-from .request import Request, hires_size
+from .request import Request, hires_size, micro_conditioning
 from .result import GenerationResult
 from .control import Controls, is_ip_adapter_key, no_default_controlnet
 from .samplers import fresh_scheduler, scheduler_from_config
-from .sampling import StepCallback, denoise, initial_latents, make_generators
-from .starts import img2img_start, inpaint_start, known_pixels, pixel_processor
+from .sampling import Conditioning, StepCallback, denoise, initial_latents, make_generators
+from .starts import img2img_start, inpaint_start, end_timesteps, known_pixels, pixel_processor
 from .vae import VaeOptions
 from .vae import decode as vae_decode
 
@@ -33,15 +33,32 @@ DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "assets" / "default_model"  # la
 class LatentDiffusion:
     """A latent text-to-image model: VAE, CLIP text encoder and tokenizer, U-Net, scheduler.
 
+    SDXL models have a second text encoder and tokenizer (``text_encoder_2``, ``tokenizer_2``); the
+    SDXL refiner has only that one (``text_encoder`` and ``tokenizer`` are None).
+
     Build one with :meth:`from_pretrained` (a diffusers-format folder) or :meth:`from_preset`
     (random weights of a named architecture), then call it with a prompt.
     """
 
-    def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler_config: dict, source: dict):
+    def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler_config: dict, source: dict,
+                 text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: Optional[bool] = None):  # fmt: skip
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        if (text_encoder is None) != (tokenizer is None) or (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise InvalidInputError("each text encoder needs its tokenizer")
+        if text_encoder is None and text_encoder_2 is None:
+            raise InvalidInputError("a model needs a text encoder")
+        if architectures.is_sdxl(unet) != (text_encoder_2 is not None):
+            raise InvalidInputError("an SDXL U-Net (addition_embed_type 'text_time') goes with a second text encoder "
+                                    "(text_encoder_2), and only such a U-Net does")  # fmt: skip
+        # SDXL: with no negative prompt, zeros stand for the unconditional embedding (diffusers' default
+        # for base models; refiner folders turn it off)
+        self.force_zeros_for_empty_prompt = (self.sdxl and self.time_id_count == 6) if force_zeros_for_empty_prompt is None \
+            else bool(force_zeros_for_empty_prompt)  # fmt: skip
         # The raw scheduler config of the model (as in scheduler/scheduler_config.json); named
         # samplers are built from it, see samplers.py for why not from self.scheduler.config.
         self.scheduler_config = dict(scheduler_config)
@@ -139,11 +156,14 @@ class LatentDiffusion:
         self.loras.unload(name)
 
     def load_textual_inversion(self, path: Union[str, Path], token: Optional[str] = None):
-        """Add a textual-inversion embedding (.safetensors / .pt; A1111 or diffusers layout) as
-        ``token`` (default: the file's own token, or its name), usable in prompts."""
+        """Add a textual-inversion embedding (.safetensors / .pt; A1111 or diffusers layout; for SDXL
+        ``clip_l`` / ``clip_g`` vectors, one set per text encoder) as ``token`` (default: the file's
+        own token, or its name), usable in prompts."""
         from ..models.textual_inversion import add_embedding
 
-        embedding = add_embedding(self.tokenizer, self.text_encoder, path, token)
+        keys = ("clip_l", "clip_g") if self.sdxl else ("",)  # SDXL files hold one set of vectors per encoder
+        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        embedding = add_embedding([(key, tok, enc) for key, (tok, enc) in zip(keys, pairs) if enc is not None], path, token)
         self.embeddings.append(embedding)
         return embedding
 
@@ -156,6 +176,7 @@ class LatentDiffusion:
         """
         if path == "default":
             raise no_default_controlnet()
+        self._no_sdxl_controls("ControlNets")
         from ..models.controlnet import load_controlnet
 
         if not isinstance(path, (str, Path)):
@@ -165,11 +186,18 @@ class LatentDiffusion:
     def load_t2i_adapter(self, path: Union[str, Path], name: Optional[str] = None):
         """Add a T2I-Adapter (a diffusers ``T2IAdapter`` folder); on the call it takes its control image like a
         ControlNet (``control_image`` etc., one per loaded ControlNet and adapter, in load order)."""
+        self._no_sdxl_controls("T2I-Adapters")
         from ..models.adapters import load_t2i_adapter
 
         if not isinstance(path, (str, Path)):
             raise InvalidInputError(f"load_t2i_adapter takes a folder path, got {type(path).__name__}")
         return self.controls.add(self, "t2i_adapter", load_t2i_adapter(path, self.unet), path, name)
+
+    def _no_sdxl_controls(self, what: str) -> None:
+        """SDXL ControlNets and adapters also read the pooled embedding and time ids: not wired yet."""
+        if self.sdxl:
+            raise InvalidInputError(f"{what} work with SD 1.x / 2.x models so far; this is an SDXL model "
+                                    "(SDXL ControlNets and adapters are not supported yet)")  # fmt: skip
 
     def unload_controlnet(self, name: Optional[str] = None) -> None:
         """Remove one ControlNet or T2I-Adapter by name, or all of them."""
@@ -180,6 +208,7 @@ class LatentDiffusion:
         ``.safetensors``) and the folder of its CLIP vision encoder (``CLIPVisionModelWithProjection``),
         both local. Calls then take ``ip_image=`` (one, or one per prompt) and ``ip_scale=``; the model's
         weight hash stays the base model's (the adapter is recorded beside it)."""
+        self._no_sdxl_controls("IP-Adapters")
         for value, what in ((path, "path"), (image_encoder, "image_encoder")):
             if value is not None and not isinstance(value, (str, Path)):
                 raise InvalidInputError(f"load_ip_adapter: {what} must be a path, got {type(value).__name__}")
@@ -209,11 +238,14 @@ class LatentDiffusion:
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
             scheduler_config=self.scheduler_config,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=self.tokenizer_2,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
         )
 
     def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None):
-        """Move (and optionally cast) the three networks and the loaded controls; returns the pipeline."""
-        for module in (self.unet, self.vae, self.text_encoder):
+        """Move (and optionally cast) the networks and the loaded controls; returns the pipeline."""
+        for _, module in self.networks():
             if device is not None:
                 module.to(device)
             if dtype is None:
@@ -246,13 +278,44 @@ class LatentDiffusion:
     def vae_scale_factor(self) -> int:
         return architectures.downscale_factor(self.vae)
 
+    @property
+    def sdxl(self) -> bool:
+        """Whether this is an SDXL model (two text encoders or the refiner's one, micro-conditioning)."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def encoders(self) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) of each text encoder the model has, in order."""
+        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        return [(tok, enc) for tok, enc in pairs if enc is not None]
+
+    def networks(self) -> list[tuple[str, torch.nn.Module]]:
+        """(attribute name, module) of every network the model has: U-Net, VAE, text encoder(s)."""
+        nets = [("unet", self.unet), ("vae", self.vae)]
+        return nets + [(name, getattr(self, name)) for name in architectures.TEXT_ENCODERS if getattr(self, name) is not None]
+
+    @property
+    def conditioning_width(self) -> int:
+        """The width D of the text conditioning (B, L, D) the U-Net reads: the encoders' widths summed."""
+        return sum(enc.config.hidden_size for _, enc in self.encoders)
+
+    @property
+    def pooled_width(self) -> Optional[int]:
+        """SDXL: the width of the pooled text embedding (the second encoder's projection); else None."""
+        return self.text_encoder_2.config.projection_dim if self.sdxl else None
+
+    @property
+    def time_id_count(self) -> Optional[int]:
+        """SDXL: 6 micro-conditioning values (base) or 5 (refiner, with an aesthetic score); else None."""
+        return architectures.time_id_count(self.unet, self.pooled_width) if self.sdxl else None
+
     def weight_hash(self) -> str:
         """Hash of all network weights (see ``metadata.weight_hash``).
 
         Cached until a weight is replaced, moved, cast or changed in place (training, LoRA fusing).
         An IP-Adapter's layers inside the U-Net are not part of it (recipes record the adapter beside it).
         """
-        nets = (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder))
+        nets = tuple(self.networks())
         key = weights_fingerprint(m for _, m in nets)
         if self._hash is None or self._hash[0] != key:
             self._hash = (key, weight_hash(nets, skip=is_ip_adapter_key if self.controls.ip else None))
@@ -261,17 +324,20 @@ class LatentDiffusion:
     def describe(self) -> dict[str, Any]:
         """Components, parameter counts, dtypes, scheduler config and weight hash (for ``latentdiff info``)."""
         parts = {}
-        for name in ("unet", "vae", "text_encoder"):
-            module = getattr(self, name)
+        for name, module in self.networks():
             parts[name] = {
                 "class": type(module).__name__,
                 "parameters": sum(p.numel() for p in module.parameters()),
                 "dtype": str(module.dtype).removeprefix("torch."),
                 "device": str(module.device),
             }
-        parts["tokenizer"] = {"class": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer)}
+        for name in ("tokenizer", "tokenizer_2"):
+            if getattr(self, name) is not None:
+                parts[name] = {"class": type(getattr(self, name)).__name__, "vocab_size": len(getattr(self, name))}
+        family = "SDXL refiner" if self.time_id_count == 5 else "SDXL" if self.sdxl else "SD"
         described = {
             "source": self.source,
+            "family": family,
             "components": parts,
             "default_size": [self.default_size] * 2,
             "prediction_type": self.scheduler_config.get("prediction_type", "epsilon"),
@@ -314,6 +380,20 @@ class LatentDiffusion:
         hires_scale: Optional[float] = None,
         hires_strength: Optional[float] = None,
         hires_upscale: Optional[str] = None,
+        prompt_2: Union[str, Sequence[str], None] = None,
+        negative_prompt_2: Union[str, Sequence[str], None] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        original_size: Optional[tuple[int, int]] = None,
+        crops_coords_top_left: Optional[tuple[int, int]] = None,
+        target_size: Optional[tuple[int, int]] = None,
+        negative_original_size: Optional[tuple[int, int]] = None,
+        negative_crops_coords_top_left: Optional[tuple[int, int]] = None,
+        negative_target_size: Optional[tuple[int, int]] = None,
+        aesthetic_score: Optional[float] = None,
+        negative_aesthetic_score: Optional[float] = None,
+        denoising_start: Optional[float] = None,
+        denoising_end: Optional[float] = None,
         control_image: Union[ImageInput, Sequence[Any], None] = None,
         control_scale: Union[float, Sequence[float]] = 1.0,
         control_start: Union[float, Sequence[float]] = 0.0,
@@ -362,6 +442,18 @@ class LatentDiffusion:
         for all or a list with one per control. It combines with image-to-image, inpainting and hires
         (the control image is resized to each pass's size). ``ip_image`` (after ``load_ip_adapter``; one,
         or one per prompt) is an image prompt, weighted by ``ip_scale``.
+
+        SDXL (the same call; the arguments below are refused by other models, as in diffusers'
+        ``StableDiffusionXLPipeline``): ``prompt_2`` / ``negative_prompt_2`` go to the second text
+        encoder (default: ``prompt`` / ``negative_prompt``); with no negative prompt at all a base
+        model's unconditional embedding is zeros. ``pooled_prompt_embeds`` (P, D') go with
+        ``prompt_embeds``. Micro-conditioning: ``original_size``, ``crops_coords_top_left`` and
+        ``target_size`` (base) or ``aesthetic_score`` (refiner, default 6) and their ``negative_``
+        forms (default: the positive value; ``negative_aesthetic_score`` 2.5); sizes are (height,
+        width) and default to the image's. Base -> refiner: ``denoising_end`` = f stops after the
+        first f of the schedule (take ``output_type="latent"``); the refiner, called with those
+        latents as ``image=`` and ``denoising_start`` = f, runs the rest of the schedule without
+        adding noise (``strength`` is then unused). Each image keeps its seed in both calls.
         """
         # 1. check the request and expand it to one entry per image (request.py)
         arguments = dict(locals())  # (the first statement: nothing but the arguments is local yet)
@@ -369,13 +461,15 @@ class LatentDiffusion:
         request = Request.resolve(self, **arguments)
         size = (request.height, request.width)
 
-        # 2. encode the prompts, one group per length in chunks: [(prompt indices, cond, uncond)],
-        #    cond / uncond (P, 77k, D); no unconditional pass without guidance
+        # 2. encode the prompts, one group per length in chunks: [Conditioning(prompt indices, cond,
+        #    uncond, pooled...)], cond / uncond (P, 77k, D); no unconditional pass without guidance
         groups = self._encode(request)
 
         # 3.-4. each image's start (noise, or its input image) from its own generator; denoise
         generators = make_generators(request.seeds)
         inputs, masks = request.per_image(request.images), request.per_image(request.masks)
+        if isinstance(inputs, torch.Tensor):  # latents handed over from another call (B, C, h, w)
+            inputs = inputs.to(self.device, self.unet.dtype)
         latents = self._sample(request, groups, generators, size, init=inputs, strength=request.strength, masks=masks)
 
         # 4b. resolution enhancement: upscale, then image-to-image at the larger size, with the
@@ -395,56 +489,99 @@ class LatentDiffusion:
         # 6. every image's recipe (recipe.py)
         return GenerationResult(images=images, seeds=request.seeds, params=image_params(self, request))
 
-    def _encode(self, request: Request):
-        """Conditioning grouped by length: [(prompt indices, cond (P, 77k, D), uncond or None)].
+    def _encode(self, request: Request) -> list[Conditioning]:
+        """Conditioning grouped by length: one ``Conditioning`` per group of prompts.
 
         A prompt and its negative are padded to the longer of the two; prompts of equal length
-        share a group, so nothing about an image depends on the other prompts of the call.
+        share a group, so nothing about an image depends on the other prompts of the call. SDXL
+        concatenates its encoders' embeddings (B, L, D1 + D2) and adds the second one's pooled one.
         """
-        tok, enc = self.tokenizer, self.text_encoder
-        prompts, negatives, guided, clip_skip = request.prompts, request.negatives, request.guided, request.clip_skip
+        prompts, negatives, guided = request.prompts, request.negatives, request.guided
+        zero = request.zero_negative
         if request.prompt_embeds is not None:
-            cond = request.prompt_embeds.to(enc.device, enc.dtype)
-            if not guided:
-                return [(list(range(len(prompts))), cond, None)]
-            if request.negative_prompt_embeds is None:
-                chunks, rest = divmod(cond.shape[1], tok.model_max_length)
-                if rest:
-                    raise InvalidInputError(
-                        f"prompt_embeds has length {cond.shape[1]}, not a multiple of {tok.model_max_length}; "
-                        "pass negative_prompt_embeds of the same shape"
-                    )
-                uncond = encode_prompts(tok, enc, negatives, clip_skip=clip_skip, num_chunks=chunks)
-            else:
-                uncond = request.negative_prompt_embeds.to(enc.device, enc.dtype)
-            return [(list(range(len(prompts))), cond, uncond)]
+            return [self._given_embeds(request)]
+        # the texts each encoder reads: the first prompt, the second (SDXL; the refiner's one encoder reads the first)
+        firsts = [prompts, request.prompts_2 or prompts][: len(self.encoders)]
+        seconds = [negatives, request.negatives_2 or negatives][: len(self.encoders)]
         if self.embeddings:  # multi-vector tokens expand to one token per vector
-            prompts = [expand_tokens(p, self.embeddings) for p in prompts]
-            negatives = [expand_tokens(q, self.embeddings) for q in negatives]
-        lengths = [
-            max(count_chunks(tok, p), count_chunks(tok, q) if guided else 1) for p, q in zip(prompts, negatives)
-        ]
+            firsts = [[expand_tokens(p, self.embeddings) for p in texts] for texts in firsts]
+            seconds = [[expand_tokens(q or "", self.embeddings) for q in texts] for texts in seconds]
+        read = [(tok, [firsts[e]] + ([seconds[e]] if guided and not zero else [])) for e, (tok, _) in enumerate(self.encoders)]
+        counts = [max(count_chunks(tok, texts[i] or "") for tok, lists in read for texts in lists) for i in range(len(prompts))]
         groups = []
-        for k in sorted(set(lengths), key=lengths.index):
-            idx = [i for i, length in enumerate(lengths) if length == k]
-            cond = encode_prompts(tok, enc, [prompts[i] for i in idx], clip_skip=clip_skip, num_chunks=k)
-            uncond = None
-            if guided:
-                uncond = encode_prompts(tok, enc, [negatives[i] for i in idx], clip_skip=clip_skip, num_chunks=k)
-            groups.append((idx, cond, uncond))
+        for k in sorted(set(counts), key=counts.index):
+            idx = [i for i, c in enumerate(counts) if c == k]
+            cond, pooled = self._embed([[texts[i] for i in idx] for texts in firsts], request.clip_skip, k)
+            uncond = uncond_pooled = None
+            if guided and zero:
+                uncond, uncond_pooled = torch.zeros_like(cond), None if pooled is None else torch.zeros_like(pooled)
+            elif guided:
+                uncond, uncond_pooled = self._embed([[texts[i] or "" for i in idx] for texts in seconds], request.clip_skip, k)
+            groups.append(Conditioning(idx, cond, uncond, pooled, uncond_pooled))
         return groups
+
+    def _embed(self, texts: list[list[str]], clip_skip: int, chunks: int):
+        """(embeddings (P, 77 * chunks, D), pooled (P, D') or None): ``texts[e]`` through encoder e."""
+        parts, pooled = [], None
+        for (tok, enc), own in zip(self.encoders, texts):
+            last = self.sdxl and enc is self.text_encoder_2
+            out = encode_prompts(tok, enc, own, clip_skip=clip_skip, num_chunks=chunks, penultimate=self.sdxl, pooled=last)
+            if last:
+                out, pooled = out
+            parts.append(out)
+        return torch.cat(parts, dim=-1), pooled
+
+    def _given_embeds(self, request: Request) -> "Conditioning":
+        """The conditioning of a call with ``prompt_embeds`` (and pooled ones, for SDXL)."""
+        device, dtype = self.device, self.unet.dtype
+        cond = request.prompt_embeds.to(device, dtype)
+        pooled = None if request.pooled_prompt_embeds is None else request.pooled_prompt_embeds.to(device, dtype)
+        everything = list(range(len(request.prompts)))
+        if not request.guided:
+            return Conditioning(everything, cond, None, pooled, None)
+        if request.negative_prompt_embeds is not None:
+            negative_pooled = request.negative_pooled_prompt_embeds
+            return Conditioning(everything, cond, request.negative_prompt_embeds.to(device, dtype), pooled,
+                                None if negative_pooled is None else negative_pooled.to(device, dtype))  # fmt: skip
+        if request.zero_negative:
+            return Conditioning(everything, cond, torch.zeros_like(cond), pooled, torch.zeros_like(pooled))
+        chunks, rest = divmod(cond.shape[1], CHUNK + 2)
+        if rest:
+            raise InvalidInputError(
+                f"prompt_embeds has length {cond.shape[1]}, not a multiple of {CHUNK + 2}; "
+                "pass negative_prompt_embeds of the same shape"
+            )
+        negatives = [request.negatives, request.negatives_2 or request.negatives][: len(self.encoders)]
+        uncond, uncond_pooled = self._embed([[q or "" for q in texts] for texts in negatives], request.clip_skip, chunks)
+        return Conditioning(everything, cond, uncond.to(dtype), pooled, uncond_pooled)
+
+    def _added_conditioning(self, request: Request, group: "Conditioning", size: tuple[int, int], n: int):
+        """SDXL's added U-Net inputs for a group's images at ``size``: pooled text embeddings and
+        micro-conditioning, unconditional rows first; None for other models."""
+        if not self.sdxl:
+            return None
+        positive, negative = micro_conditioning(request, size, aesthetic=self.time_id_count == 5)
+        rows = len(group.indices) * n
+        dtype, device = self.unet.dtype, self.device
+        text_embeds = group.pooled.repeat_interleave(n, dim=0)
+        time_ids = torch.tensor([positive], dtype=dtype, device=device).repeat(rows, 1)  # (B, 5 or 6)
+        if group.uncond is not None:
+            text_embeds = torch.cat([group.uncond_pooled.repeat_interleave(n, dim=0), text_embeds])
+            time_ids = torch.cat([torch.tensor([negative], dtype=dtype, device=device).repeat(rows, 1), time_ids])
+        return {"text_embeds": text_embeds.to(device, dtype), "time_ids": time_ids}
 
     def _sample(self, request: Request, groups, generators, size, *, init=None, strength=None, masks=None):
         """Denoise every group; returns z_0 for all images (B, C, h, w), in image order.
 
         ``init`` None starts from noise; a list of PIL images (one per image) or a latent batch
-        (B, C, h, w) starts image-to-image at ``strength``; with ``masks`` too, it inpaints.
+        (B, C, h, w) starts image-to-image at ``strength`` (or, for a hand-off, at
+        ``request.denoising_start`` without new noise); with ``masks`` too, it inpaints.
         """
         f, n = self.vae_scale_factor, request.n
         shape = (self.vae.config.latent_channels, size[0] // f, size[1] // f)
         finished: list[Optional[torch.Tensor]] = [None] * len(generators)
-        for indices, cond, uncond in groups:
-            images = [i * n + j for i in indices for j in range(n)]  # prompt-major image order
+        for group in groups:
+            images = [i * n + j for i in group.indices for j in range(n)]  # prompt-major image order
             gens = [generators[m] for m in images]
             sched = fresh_scheduler(self, request.scheduler)
             sched.set_timesteps(request.steps, device=self.device)
@@ -458,13 +595,17 @@ class LatentDiffusion:
                                                             request.steps, strength)  # fmt: skip
             else:
                 start = init[images] if isinstance(init, torch.Tensor) else [init[m] for m in images]
-                latents, timesteps = img2img_start(self, start, size, gens, sched, request.steps, strength)
+                latents, timesteps = img2img_start(self, start, size, gens, sched, request.steps, strength,
+                                                   denoising_start=request.denoising_start)  # fmt: skip
+            if request.denoising_end is not None:
+                timesteps = end_timesteps(sched, timesteps, request.denoising_end)
             latents = denoise(
-                self.unet, sched, latents, cond.repeat_interleave(n, dim=0),
-                None if uncond is None else uncond.repeat_interleave(n, dim=0),
+                self.unet, sched, latents, group.cond.repeat_interleave(n, dim=0),
+                None if group.uncond is None else group.uncond.repeat_interleave(n, dim=0),
                 guidance_scale=request.guidance_scale, guidance_rescale=request.guidance_rescale, eta=request.eta,
                 generators=gens, timesteps=timesteps, inpaint=inpaint, callback=request.callback,
-                progress=request.progress, control=self.controls.prepare(self, request, images, size),
+                progress=request.progress, added=self._added_conditioning(request, group, size, n),
+                control=self.controls.prepare(self, request, images, size),
             )  # fmt: skip
             for m, z in zip(images, latents):
                 finished[m] = z

@@ -142,14 +142,22 @@ def encode_prompts(
     *,
     clip_skip: int = 0,
     num_chunks: Optional[int] = None,
-) -> torch.Tensor:
+    penultimate: bool = False,
+    pooled: bool = False,
+):
     """Encode ``prompts`` -> (len(prompts), 77 * chunks, D) on the text encoder's device and dtype.
 
     ``chunks`` is ``num_chunks`` if given (it must be at least every prompt's own count), else the
     largest count among the prompts. ``clip_skip`` = N takes the output of the N-th last layer
     instead of the last one (through the final layer norm), as diffusers' ``clip_skip`` does.
+
+    SDXL (``penultimate``): the hidden states of the layer before the last (no final layer norm),
+    and with ``clip_skip`` = N the N-th before that, as diffusers' SDXL pipelines take them. With
+    ``pooled`` (a ``CLIPTextModelWithProjection``) the result is a pair: the embeddings and the
+    projected pooled embedding (P, D') of each prompt's first chunk, unweighted (as the web UIs
+    pool long prompts).
     """
-    layers = text_encoder.config.num_hidden_layers
+    layers = text_encoder.config.num_hidden_layers - (1 if penultimate else 0)
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
         raise InvalidInputError(f"clip_skip must be a whole number from 0 to {layers - 1}, got {clip_skip!r}")
     tokenized = [tokenize_prompt(tokenizer, p) for p in prompts]
@@ -165,22 +173,29 @@ def encode_prompts(
     rows = [chunk for t in tokenized for chunk in t] + ([[]] if needs_padding else [])
     ids = torch.tensor([_wrap(tokenizer, [tok for tok, _ in chunk]) for chunk in rows], device=text_encoder.device)
     with torch.no_grad():
-        if clip_skip:
-            hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        output = text_encoder(ids, output_hidden_states=bool(clip_skip or penultimate))
+        if penultimate:
+            encoded = output.hidden_states[-(clip_skip + 2)]
+        elif clip_skip:
             # transformers 5 keeps the layer norm on the model itself; 4.x on .text_model
-            encoded = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+            norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+            encoded = norm(output.hidden_states[-(clip_skip + 1)])
         else:
-            encoded = text_encoder(ids)[0]  # (chunks, 77, D)
+            encoded = output.last_hidden_state  # (chunks, 77, D)
+        projected = output.text_embeds if pooled else None  # (chunks, D')
     empty = encoded[-1]  # used only when needs_padding
-    out, start = [], 0
+    out, first, start = [], [], 0
     for t in tokenized:
         own = encoded[start : start + len(t)]  # (k, 77, D)
+        first.append(start)
         start += len(t)
         weights = torch.tensor([_wrap_weights(chunk) for chunk in t], dtype=own.dtype, device=own.device)
         if bool((weights != 1).any()):
             own = _weighted(own, weights)
         padding = [empty] * (width - len(t))
         out.append(torch.cat([*own, *padding]))  # (77 * width, D)
+    if pooled:
+        return torch.stack(out), projected[first]
     return torch.stack(out)
 
 

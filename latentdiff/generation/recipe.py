@@ -25,6 +25,10 @@ CALL_KEYS = (
     "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip", "image", "strength",
     "hires_scale", "hires_strength", "hires_upscale", "mask_image", "control_image", "control_scale",
     "control_start", "control_end", "ip_image", "ip_scale",
+    # SDXL
+    "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+    "negative_original_size", "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+    "negative_aesthetic_score", "denoising_start", "denoising_end",
 )  # fmt: skip
 
 
@@ -66,13 +70,23 @@ def image_params(pipe, request) -> list[dict[str, Any]]:
                     control_start=request.control_starts, control_end=request.control_ends)  # fmt: skip
     if request.ip_images is not None:
         base.update(ip_adapter=pipe.controls.ip.record(), ip_scale=request.ip_scale)
+    # SDXL: what was given (the rest follows from the size, as it did here)
+    base.update({k: list(v) if isinstance(v, tuple) else v for k, v in (request.micro or {}).items() if v is not None})
+    for key in ("denoising_start", "denoising_end"):
+        if getattr(request, key) is not None:
+            base[key] = getattr(request, key)
     n = request.n
     params = [
         {"prompt": request.prompts[i // n], "negative_prompt": request.negatives[i // n], "seed": seed, **base}
         for i, seed in enumerate(request.seeds)
     ]
+    for key, texts in (("prompt_2", request.prompts_2), ("negative_prompt_2", request.negatives_2)):
+        if texts is not None:
+            for i, p in enumerate(params):
+                p[key] = texts[i // n]
     if request.images is not None:  # which input each image came from (a path, or only its hash)
-        for p, name, image in zip(params, request.per_image(request.image_names), request.per_image(request.images)):
+        names = request.per_image(request.image_names) or [None] * request.total  # (latents have no file)
+        for p, name, image in zip(params, names, request.per_image(request.images)):
             p["image"], p["image_hash"] = name, image_hash(image)
         if request.masks is not None:
             for p, name, mask in zip(params, request.per_image(request.mask_names), request.per_image(request.masks)):

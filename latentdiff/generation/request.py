@@ -64,6 +64,15 @@ class Request:
     output_type: str
     callback: Optional[Callable]
     progress: Optional[bool]  # None: tqdm's own default (a bar, unless TQDM_DISABLE=1)
+    # SDXL (all None / empty for SD 1.x / 2.x models)
+    prompts_2: Optional[list] = None  # the second encoder's text, one per prompt (None: as prompts)
+    negatives_2: Optional[list] = None
+    pooled_prompt_embeds: Any = None  # (P, D2)
+    negative_pooled_prompt_embeds: Any = None
+    zero_negative: bool = False  # no negative prompt given: zeros instead of an encoded "" (diffusers' default)
+    micro: Optional[dict] = None  # micro-conditioning arguments as given (None values: the defaults)
+    denoising_start: Optional[float] = None  # fraction of the schedule already done in the input (hand-off)
+    denoising_end: Optional[float] = None  # fraction of the schedule after which to stop
     # ControlNets / T2I-Adapters, one entry per loaded control (in load order): its pictures (one for all
     # prompts, or one per prompt), their files, scale, and the fractions of the steps it acts on
     control_images: Optional[list] = None
@@ -86,9 +95,10 @@ class Request:
         return self.guidance_scale > 1.0
 
     def per_image(self, inputs: Optional[list]) -> Optional[list]:
-        """One entry per image from ``inputs`` given once for all prompts or once per prompt."""
-        if inputs is None:
-            return None
+        """One entry per image from ``inputs`` given once for all prompts or once per prompt (latents
+        given as ``image=`` have one row per image already)."""
+        if inputs is None or _is_tensor(inputs):
+            return inputs
         return [inputs[i // self.n if len(inputs) > 1 else 0] for i in range(self.total)]
 
     @classmethod
@@ -105,9 +115,9 @@ class Request:
         _check_control_fit(pipe, a)
         prompt_embeds, negative_prompt_embeds = arguments.get("prompt_embeds"), arguments.get("negative_prompt_embeds")
         if prompt_embeds is not None:
-            _check_embeds(prompt_embeds, "prompt_embeds", pipe.text_encoder)
+            _check_embeds(prompt_embeds, "prompt_embeds", pipe.conditioning_width)
         if negative_prompt_embeds is not None:
-            _check_embeds(negative_prompt_embeds, "negative_prompt_embeds", pipe.text_encoder)
+            _check_embeds(negative_prompt_embeds, "negative_prompt_embeds", pipe.conditioning_width)
         images, masks, strength, hires_scale = a["images"], a["masks"], a["strength"], a["hires_scale"]
         if masks is None and pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
             raise InvalidInputError(
@@ -145,7 +155,9 @@ class Request:
             raise InvalidInputError(f"scheduler {sched_name} cannot run {steps} steps: {e}") from None
         _check_timesteps(sched, sched_name, steps)
 
+        sdxl = _sdxl_arguments(pipe, a, arguments)
         request = cls(
+            **sdxl,
             prompts=a["prompts"], negatives=a["negatives"], prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, n=a["n"], seeds=a["seeds"], steps=steps,
             guidance_scale=a["guidance_scale"], guidance_rescale=a["guidance_rescale"], eta=eta, height=a["height"],
@@ -155,6 +167,12 @@ class Request:
             output_type=a["output_type"], callback=a["callback"], progress=a["progress"],
             **{k: a[k] for k in _CONTROL_FIELDS},
         )  # fmt: skip
+        if request.zero_negative:  # recorded as no negative prompt, so that a remake zeros it too
+            request.negatives = [None] * len(request.prompts)
+        if pipe.unet.config.in_channels == pipe.vae.config.latent_channels and _is_tensor(images) and (
+                images.shape[1] != pipe.vae.config.latent_channels):  # fmt: skip
+            raise InvalidInputError(f"latents given as image= have {images.shape[1]} channels, this model's "
+                                    f"{pipe.vae.config.latent_channels}")  # fmt: skip
         if masks is not None and any(m.size != im.size for m, im in zip(request.per_image(masks), request.per_image(images))):
             warnings.warn("mask_image and image differ in size; the mask is resized to the image", stacklevel=_CALLER)
         return request
@@ -220,7 +238,10 @@ def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Option
         raise InvalidInputError(f"clip_skip must be a whole number of at least 0, got {clip_skip!r}")
 
     # input pictures: image-to-image, inpainting
-    images, image_names = load_inputs(a["image"], len(prompts), max_pixels=limits.input_pixels)
+    if _is_tensor(a["image"]):  # latents (B, C, h, w) from an earlier call (output_type="latent"): a hand-off
+        images, image_names = _check_latents(a["image"], len(prompts) * n, factor), None
+    else:
+        images, image_names = load_inputs(a["image"], len(prompts), max_pixels=limits.input_pixels)
     masks, mask_names = load_inputs(a["mask_image"], len(prompts), what="mask_image", max_pixels=limits.input_pixels)
     if masks is not None:
         import numpy as np
@@ -239,7 +260,15 @@ def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Option
     if images is not None:
         strength = check_float(0.6 if strength is None else strength, "strength", 0.0, 1.0,
                                "0 keeps the image, 1 replaces it")  # fmt: skip
-        if factor is not None:
+        if _is_tensor(images):
+            if masks is not None:
+                raise InvalidInputError("inpainting takes a picture as image=, not latents")
+            latent_h, latent_w = images.shape[-2] * (factor or 1), images.shape[-1] * (factor or 1)
+            if (height or latent_h, width or latent_w) != (latent_h, latent_w):
+                raise InvalidInputError(f"latents given as image= make {latent_w}x{latent_h} images; "
+                                        "leave height and width out")  # fmt: skip
+            height, width = latent_h, latent_w
+        elif factor is not None:
             height = images[0].height // factor * factor if height is None else height
             width = images[0].width // factor * factor if width is None else width
 
@@ -284,7 +313,12 @@ def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Option
     seeds = expand_seeds(a["seed"], len(prompts) * n)
     progress = a["progress"]
     control = _check_controls(a, controls, len(prompts), limits)
+    sdxl = _check_sdxl(a, prompts, limits)
+    if a["denoising_start"] is not None and images is None:
+        raise InvalidInputError("denoising_start needs image= (the latents or picture to continue from)")
     return {**control,
+        **{k: a[k] for k in MICRO_KEYS}, "denoising_start": a["denoising_start"], "denoising_end": a["denoising_end"],
+        "prompt_embeds": prompt_embeds, **sdxl,
         "prompts": prompts, "negatives": negatives, "n": n, "seeds": seeds, "steps": steps, "clip_skip": clip_skip,
         "images": images, "image_names": image_names, "masks": masks, "mask_names": mask_names, "strength": strength,
         "hires_scale": hires_scale, "hires_strength": hires_strength, "hires_upscale": hires_upscale,
@@ -361,6 +395,22 @@ def _check_control_fit(pipe, a: dict[str, Any]) -> None:
         if control.kind == "t2i_adapter" and multiple and any(h % multiple or w % multiple for h, w in sizes):
             raise InvalidInputError(f"T2I-Adapter {control.name!r} needs a width and height that are multiples of "
                                     f"{multiple}; got {sizes[-1][1]}x{sizes[-1][0]}")  # fmt: skip
+
+
+def _is_tensor(value) -> bool:
+    return type(value).__module__.startswith("torch") and type(value).__name__ == "Tensor"
+
+
+def _check_latents(latents, total: int, factor: Optional[int]):
+    """Latents given as image=: (B, C, h, w) with one row per image of the call, or one for all."""
+    import torch
+
+    if latents.ndim != 4 or latents.shape[0] not in (1, total):
+        raise InvalidInputError(f"latents given as image= must be (images, channels, height/8, width/8) with "
+                                f"1 or {total} rows (one per image of this call), got {tuple(latents.shape)}")  # fmt: skip
+    if not bool(torch.isfinite(latents).all()):
+        raise InvalidInputError("the latents given as image= hold NaN or infinite values")
+    return latents.expand(total, *latents.shape[1:]) if latents.shape[0] == 1 else latents
 
 
 def _check_timesteps(sched, name: str, steps: int) -> None:
@@ -458,18 +508,133 @@ def expand_seeds(seed, total: int) -> list[int]:
     return seeds
 
 
-def _check_embeds(embeds, name: str, text_encoder=None):
+def _check_embeds(embeds, name: str, width: Optional[int] = None, ndim: int = 3):
     import torch
 
-    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] < 1:
-        raise InvalidInputError(f"{name} must be a (batch, tokens, dim) tensor")
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != ndim or embeds.shape[0] < 1:
+        raise InvalidInputError(f"{name} must be a {'(batch, tokens, dim)' if ndim == 3 else '(batch, dim)'} tensor")
     if not bool(torch.isfinite(embeds).all()):
         raise InvalidInputError(f"{name} holds NaN or infinite values")
-    if text_encoder is not None and embeds.shape[-1] != text_encoder.config.hidden_size:
-        raise InvalidInputError(
-            f"{name} has dimension {embeds.shape[-1]}, this model's text encoder {text_encoder.config.hidden_size}"
-        )
+    if width is not None and embeds.shape[-1] != width:
+        raise InvalidInputError(f"{name} has dimension {embeds.shape[-1]}, this model's text conditioning {width}")
     return embeds
+
+
+# SDXL's arguments: the second prompts, the pooled embeddings, micro-conditioning (Podell et al. 2023,
+# Sec. 2.2) and the base -> refiner hand-off. They are refused for models that cannot use them.
+_SIZES = ("original_size", "target_size", "negative_original_size", "negative_target_size")
+_CROPS = ("crops_coords_top_left", "negative_crops_coords_top_left")
+_SCORES = ("aesthetic_score", "negative_aesthetic_score")
+MICRO_KEYS = _SIZES + _CROPS + _SCORES
+SDXL_KEYS = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds") + MICRO_KEYS
+
+
+def _check_sdxl(a: dict[str, Any], prompts: list, limits: Limits) -> dict[str, Any]:
+    """The model-free checks of the SDXL arguments; returns them completed (prompts_2 / negatives_2 as lists)."""
+    out: dict[str, Any] = {}
+    for key, first in (("prompt_2", prompts), ("negative_prompt_2", None)):
+        value = a[key]
+        if value is None:
+            out[key] = None
+        elif isinstance(value, str) and (key == "negative_prompt_2" or len(prompts) == 1):
+            out[key] = _as_prompt_list(value, key, limits) * len(prompts)
+        else:
+            out[key] = _as_prompt_list(value, key, limits)
+            if len(out[key]) != len(prompts):
+                raise InvalidInputError(f"got {len(prompts)} prompts but {len(out[key])} in {key}; give one per prompt")
+    if a["prompt_embeds"] is not None and (a["prompt_2"] is not None or a["negative_prompt_2"] is not None):
+        raise InvalidInputError("prompt_2 / negative_prompt_2 go with prompt, not with prompt_embeds")
+    for key in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
+        if a[key] is not None:
+            _check_embeds(a[key], key, ndim=2)
+            if a[key.replace("pooled_", "")] is None:
+                raise InvalidInputError(f"{key} goes with {key.replace('pooled_', '')}")
+            if a[key].shape[0] != len(prompts):
+                raise InvalidInputError(f"{key} has {a[key].shape[0]} rows for {len(prompts)} prompts")
+    for key in _SIZES:
+        if a[key] is not None:
+            value = a[key]
+            if (not isinstance(value, (list, tuple)) or len(value) != 2
+                    or any(whole_number(v) is None or v < 1 for v in value)):  # fmt: skip
+                raise InvalidInputError(f"{key} must be (height, width) in pixels, two whole numbers >= 1, got {value!r}")
+    for key in _CROPS:
+        if a[key] is not None:
+            value = a[key]
+            if (not isinstance(value, (list, tuple)) or len(value) != 2
+                    or any(whole_number(v) is None or v < 0 for v in value)):  # fmt: skip
+                raise InvalidInputError(f"{key} must be (top, left) in pixels, two whole numbers >= 0, got {value!r}")
+    for key in _SCORES:
+        if a[key] is not None:
+            check_float(a[key], key, 0.0, 10.0, "the refiner was trained on LAION aesthetic scores; 6 is its default")
+    for key in ("denoising_start", "denoising_end"):
+        if a[key] is not None:
+            check_float(a[key], key, 0.0, 1.0, "0.8 hands the last fifth of the schedule to a refiner")
+            if not 0.0 < a[key] < 1.0:
+                raise InvalidInputError(f"{key} must lie strictly between 0 and 1, got {a[key]!r}")
+    if a["denoising_start"] is not None and a["denoising_end"] is not None and a["denoising_start"] >= a["denoising_end"]:
+        raise InvalidInputError("denoising_start must be smaller than denoising_end")
+    return out
+
+
+def _sdxl_arguments(pipe, a: dict[str, Any], arguments: dict[str, Any]) -> dict[str, Any]:
+    """The Request fields of the SDXL arguments, checked against the model (``a``: check_arguments' result)."""
+    from ..models.architectures import is_sdxl
+
+    given = sorted(k for k in SDXL_KEYS if arguments.get(k) is not None)
+    sdxl = is_sdxl(pipe.unet)
+    if given and not sdxl:
+        raise InvalidInputError(f"{given[0]} applies to SDXL models only; this model has one text encoder and no "
+                                "micro-conditioning")  # fmt: skip
+    aesthetic = sdxl and pipe.time_id_count == 5
+    if given and aesthetic and any(k in given for k in ("target_size", "negative_target_size")):
+        raise InvalidInputError("target_size applies to SDXL base models; the refiner conditions on aesthetic_score")
+    if given and sdxl and not aesthetic and any(k in given for k in _SCORES):
+        raise InvalidInputError("aesthetic_score applies to the SDXL refiner; base models condition on target_size")
+    if sdxl and a["prompt_embeds"] is not None and arguments.get("pooled_prompt_embeds") is None:
+        raise InvalidInputError("an SDXL model needs pooled_prompt_embeds (P, D) with prompt_embeds")
+    if sdxl and arguments.get("negative_prompt_embeds") is not None and arguments.get("negative_pooled_prompt_embeds") is None:
+        raise InvalidInputError("an SDXL model needs negative_pooled_prompt_embeds with negative_prompt_embeds")
+    for key in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
+        if arguments.get(key) is not None and arguments[key].shape[-1] != pipe.pooled_width:
+            raise InvalidInputError(f"{key} has dimension {arguments[key].shape[-1]}, this model's pooled embedding "
+                                    f"{pipe.pooled_width}")  # fmt: skip
+    start, end = a["denoising_start"], a["denoising_end"]
+    if start is not None and a["images"] is None:
+        raise InvalidInputError("denoising_start needs image= (the latents or picture to continue from)")
+    if start is not None and a["masks"] is not None:
+        raise InvalidInputError("denoising_start does not combine with inpainting yet; refine the inpainted image")
+    if (start is not None or end is not None) and a["hires_scale"] is not None:
+        raise InvalidInputError("denoising_start / denoising_end do not combine with hires; refine, then upscale")
+    zero = (sdxl and pipe.force_zeros_for_empty_prompt and arguments.get("negative_prompt") is None
+            and a["negative_prompt_2"] is None and arguments.get("negative_prompt_embeds") is None)  # fmt: skip
+    return {
+        "prompts_2": a["prompt_2"], "negatives_2": a["negative_prompt_2"],
+        "pooled_prompt_embeds": arguments.get("pooled_prompt_embeds"),
+        "negative_pooled_prompt_embeds": arguments.get("negative_pooled_prompt_embeds"),
+        "zero_negative": zero, "micro": {k: a[k] for k in MICRO_KEYS} if sdxl else None,
+        "denoising_start": start, "denoising_end": end,
+    }  # fmt: skip
+
+
+def micro_conditioning(request, size: tuple[int, int], aesthetic: bool) -> tuple[list[float], list[float]]:
+    """SDXL's micro-conditioning of one pass at ``size`` (height, width): (positive, negative) values.
+
+    Base: original size + crop corner + target size (6 values); refiner: original size + crop
+    corner + aesthetic score (5). Defaults as diffusers': sizes = the pass's size, crop (0, 0),
+    aesthetic 6.0 / negative 2.5; each negative value defaults to its positive one.
+    """
+    m = request.micro or {}
+    original = tuple(m.get("original_size") or size)
+    crops = tuple(m.get("crops_coords_top_left") or (0, 0))
+    neg_original = tuple(m.get("negative_original_size") or original)
+    neg_crops = tuple(m.get("negative_crops_coords_top_left") or crops)
+    if aesthetic:
+        score = 6.0 if m.get("aesthetic_score") is None else m["aesthetic_score"]
+        neg_score = 2.5 if m.get("negative_aesthetic_score") is None else m["negative_aesthetic_score"]
+        return [*original, *crops, score], [*neg_original, *neg_crops, neg_score]
+    target = tuple(m.get("target_size") or size)
+    neg_target = tuple(m.get("negative_target_size") or target)
+    return [*original, *crops, *target], [*neg_original, *neg_crops, *neg_target]
 
 
 def _as_prompt_list(value, name: str, limits: Limits) -> list[str]:

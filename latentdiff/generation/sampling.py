@@ -31,6 +31,21 @@ class Inpaint:
     noise: torch.Tensor  # (B, C, h, w): the noise the start was made with
 
 
+@dataclass
+class Conditioning:
+    """The text conditioning of a group of prompts (``indices``: their positions in the call).
+
+    ``cond`` / ``uncond`` (P, L, D), ``uncond`` None without guidance; SDXL adds the pooled
+    embeddings ``pooled`` / ``uncond_pooled`` (P, D'), which the U-Net reads with the micro-conditioning.
+    """
+
+    indices: list[int]
+    cond: torch.Tensor
+    uncond: Optional[torch.Tensor]
+    pooled: Optional[torch.Tensor] = None
+    uncond_pooled: Optional[torch.Tensor] = None
+
+
 def make_generators(seeds: list[int]) -> list[torch.Generator]:
     """Image i's private random stream: a CPU generator seeded with ``seeds[i]`` (seed contract)."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -88,6 +103,7 @@ def denoise(
     progress: Optional[bool] = False,
     timesteps: Optional[torch.Tensor] = None,
     inpaint: Optional[Inpaint] = None,
+    added: Optional[dict[str, torch.Tensor]] = None,
     control: Optional[Callable[..., dict]] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps over ``latents`` (B, C, h, w) and return z_0.
@@ -96,6 +112,8 @@ def denoise(
     unconditional predictions come from one batched U-Net call on 2B latents (Ho & Salimans
     2022): eps = eps_u + s * (eps_c - eps_u). With ``uncond`` None there is one pass on B.
     ``timesteps`` defaults to all of the scheduler's (image-to-image runs only the last ones).
+    ``added``: SDXL's added conditioning for the U-Net (``text_embeds`` (B or 2B, D'), ``time_ids``
+    (B or 2B, 5 or 6)), unconditional rows first as in ``cond`` / ``uncond``.
     ``control`` (a ``control.ControlStep``) gives the U-Net's extra inputs at each step: ControlNet
     residuals, T2I-Adapter features, IP-Adapter image embeddings.
     """
@@ -105,6 +123,7 @@ def denoise(
         channels = torch.cat([inpaint.mask, inpaint.masked_latents], dim=1)  # (B, 5, h, w)
         channels = channels if uncond is None else torch.cat([channels, channels])
     extra = step_kwargs(scheduler, generators, eta)
+    unet_extra = {} if added is None else {"added_cond_kwargs": added}
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     # No host-device sync inside the loop: the scheduler and the callback read the timesteps from
     # one host copy made here (its tables are on the host, so indexing them with a device tensor,
@@ -123,7 +142,7 @@ def denoise(
         inputs = {} if control is None else control(i, len(host_timesteps), t, model_in, embeds)  # (latents only)
         if channels is not None:
             model_in = torch.cat([model_in, channels], dim=1)
-        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False, **inputs)[0]
+        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False, **unet_extra, **inputs)[0]
         if uncond is not None:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)

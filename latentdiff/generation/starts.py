@@ -8,6 +8,7 @@ img2img / inpainting pipelines make them, so the results can be checked against 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -16,18 +17,23 @@ from .vae import decode_unscaled
 from .vae import encode as vae_encode
 
 
-def img2img_start(pipe, images, size: tuple[int, int], generators, sched, steps: int, strength: float):
+def img2img_start(pipe, images, size: tuple[int, int], generators, sched, steps: int, strength: float,
+                  denoising_start: Optional[float] = None):  # fmt: skip
     """z_t of each input image and the timesteps left to run (SDEdit, Meng et al. 2022).
 
     PIL images are encoded (posterior sample from the image's generator: its next draw) and
     scaled; a latent batch is used as it is. Then each is noised, with the next draw of its
     generator, to the timestep at which the last ``strength`` part of the schedule begins.
+    With ``denoising_start`` (a hand-off: the input is already as noisy as the schedule is after
+    that fraction) no noise is added and the run starts there, as diffusers' SDXL img2img does.
     """
     if isinstance(images, torch.Tensor):
         z0 = images
     else:
         pixels = pixel_processor(pipe.vae_scale_factor).preprocess(images, height=size[0], width=size[1])
         z0 = encode_sample(pipe, pixels, generators)
+    if denoising_start is not None:
+        return z0.to(pipe.unet.dtype), start_timesteps(sched, denoising_start)
     noise = initial_latents(generators, tuple(z0.shape[1:]), device=pipe.device, dtype=pipe.unet.dtype)
     timesteps = strength_timesteps(sched, steps, strength)
     if len(timesteps) == 0:  # strength 0, or too small for one step: the encoded image itself
@@ -94,6 +100,30 @@ def strength_timesteps(sched, steps: int, strength: float) -> torch.Tensor:
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(start)
     return sched.timesteps[start:]
+
+
+def _cutoff(sched, fraction: float) -> int:
+    """The training timestep at which ``fraction`` of the schedule is done (diffusers' rounding)."""
+    total = sched.config.num_train_timesteps
+    return int(round(total - (fraction * total)))
+
+
+def end_timesteps(sched, timesteps: torch.Tensor, denoising_end: float) -> torch.Tensor:
+    """The first part of ``timesteps``, up to where ``denoising_end`` of the schedule is done (the base
+    model's share of a base -> refiner hand-off)."""
+    return timesteps[: int((timesteps >= _cutoff(sched, denoising_end)).sum())]
+
+
+def start_timesteps(sched, denoising_start: float) -> torch.Tensor:
+    """The rest of the schedule after ``denoising_start`` of it (the refiner's share); marks where the
+    scheduler begins. A second-order scheduler starts on the first half of a step, never mid-step."""
+    count = int((sched.timesteps < _cutoff(sched, denoising_start)).sum())
+    if sched.order == 2 and count % 2 == 0:
+        count += 1
+    begin = len(sched.timesteps) - count
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(begin)
+    return sched.timesteps[begin:]
 
 
 @lru_cache(maxsize=8)

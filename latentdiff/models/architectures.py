@@ -3,11 +3,17 @@
 An :class:`Architecture` is only configuration (diffusers / transformers config dicts); the parts
 are the libraries' own classes, made by :func:`build_components`. Two registries hold records:
 
-- :data:`PRESETS`, what ``from_preset`` / ``--preset`` build with random weights: ``tiny`` for
-  tests, ``small`` and ``mini`` for training from scratch, ``sd15`` and ``sd21`` the real Stable
-  Diffusion 1.5 and 2.1 (768-v) shapes, for benchmarks;
-- :data:`VARIANTS`, what a single-file checkpoint may be (``sd1``, ``sd2``, ``sd2-v``), derived from
-  the ``sd15`` / ``sd21`` presets, so that no configuration is ever downloaded.
+- :data:`PRESETS`, what ``from_preset`` / ``--preset`` build with random weights: ``tiny`` and
+  ``tiny-sdxl`` / ``tiny-sdxl-refiner`` for tests, ``small`` and ``mini`` for training from
+  scratch, ``sd15``, ``sd21``, ``sdxl`` and ``sdxl-refiner`` the real Stable Diffusion 1.5, 2.1
+  (768-v), SDXL base 1.0 and refiner 1.0 shapes, for benchmarks;
+- :data:`VARIANTS`, what a single-file checkpoint may be (``sd1``, ``sd2``, ``sd2-v``, ``sdxl``,
+  ``sdxl-refiner``), derived from those presets, so that no configuration is ever downloaded.
+
+An SDXL record has a second text encoder (``text_encoder_2``: OpenCLIP bigG with its projection,
+a transformers ``CLIPTextModelWithProjection``) and its tokenizer; the refiner has no first one
+(``text_encoder`` None). Its U-Net takes the pooled text embedding and the micro-conditioning
+through diffusers' ``addition_embed_type="text_time"``.
 
 This module imports torch, diffusers and transformers only when it builds: the command line reads
 the names without them.
@@ -83,6 +89,61 @@ _SMALL_VAE = {
 }
 
 
+# SDXL (Podell et al. 2023; Stability's sd_xl_base.yaml / sd_xl_refiner.yaml in diffusers' terms)
+_SDXL_SCHEDULER = {
+    **_SD_SCHEDULER,
+    "_class_name": "EulerDiscreteScheduler",
+    "interpolation_type": "linear",
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+    "sample_max_value": 1.0,
+    "prediction_type": "epsilon",
+}
+_SDXL_VAE = {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+_SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "addition_embed_type_num_heads": 64,
+    "projection_class_embeddings_input_dim": 2816,  # 6 micro-conditioning values x 256 + pooled 1280
+}
+_SDXL_REFINER_UNET = {
+    **_SDXL_UNET,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [384, 768, 1536, 1536],
+    "transformer_layers_per_block": 4,
+    "attention_head_dim": [6, 12, 24, 24],
+    "cross_attention_dim": 1280,
+    "projection_class_embeddings_input_dim": 2560,  # 5 values (sizes, crop, aesthetic score) x 256 + 1280
+}
+_CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+           "projection_dim": 768, "hidden_act": "quick_gelu"}  # fmt: skip
+_OPENCLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                  "projection_dim": 1280, "hidden_act": "gelu"}  # fmt: skip
+_OPENCLIP_PAD = {"pad_token": "!"}  # OpenCLIP's tokenizer pads with id 0
+
+
+def _tiny_sdxl_unet(cross_attention_dim: int, time_values: int) -> dict[str, Any]:
+    return {"sample_size": 8, "in_channels": 4, "out_channels": 4,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "block_out_channels": [32, 64],
+            "layers_per_block": 1, "transformer_layers_per_block": [1, 2], "attention_head_dim": [2, 4],
+            "cross_attention_dim": cross_attention_dim, "use_linear_projection": True, "norm_num_groups": 32,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 8 * time_values + 48}  # fmt: skip
+
+
 def _text_encoder(width: int, layers: int) -> dict[str, Any]:
     return {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
             "num_attention_heads": 4, "projection_dim": width, "hidden_act": "quick_gelu"}  # fmt: skip
@@ -95,9 +156,12 @@ class Architecture:
     name: str
     unet: dict[str, Any]  # UNet2DConditionModel config
     vae: dict[str, Any]  # AutoencoderKL config
-    text_encoder: dict[str, Any]  # CLIPTextConfig entries (vocabulary size and special ids come from the tokenizer)
+    text_encoder: Optional[dict[str, Any]]  # CLIPTextConfig entries (vocabulary size and special ids come from
+    # the tokenizer); None for a model without a first encoder (the SDXL refiner)
     scheduler: dict[str, Any]  # scheduler_config.json
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"pad_token": EOS})  # load_clip_tokenizer options
+    text_encoder_2: Optional[dict[str, Any]] = None  # SDXL: CLIPTextModelWithProjection's config entries
+    tokenizer_2: dict[str, Any] = field(default_factory=lambda: dict(_OPENCLIP_PAD))
     added_tokens: tuple[str, ...] = ()  # tokens beyond CLIP's vocabulary (textual inversions saved into a file)
     description: str = ""  # for messages: "SD 1.x (CLIP ViT-L, epsilon, 512)"
     reason: str = ""  # why a checkpoint was read as this architecture (given, embedded, detected)
@@ -107,12 +171,17 @@ class Architecture:
         "text_encoder": {...}}`` (a from-scratch training run's ``[model.unet_config]`` etc.)."""
         changed = self
         for part, values in (overrides or {}).items():
-            if part not in ("unet", "vae", "text_encoder"):
-                raise InvalidInputError(f"architecture overrides name unet, vae or text_encoder, not {part!r}")
+            if part not in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                raise InvalidInputError(f"architecture overrides name unet, vae, text_encoder or text_encoder_2, not {part!r}")
+            if values and getattr(changed, part) is None:
+                raise InvalidInputError(f"architecture {changed.name!r} has no {part} to override")
             if values:
                 changed = replace(changed, **{part: {**getattr(changed, part), **values}})
         return changed
 
+
+_TINY_VAE = {**_SD_VAE, "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8,
+                    "sample_size": 64}  # fmt: skip
 
 PRESETS: dict[str, Architecture] = {
     "tiny": Architecture(
@@ -129,13 +198,7 @@ PRESETS: dict[str, Architecture] = {
             "attention_head_dim": 4,
             "norm_num_groups": 32,
         },
-        vae={
-            **_SD_VAE,
-            "block_out_channels": [8, 16, 16, 16],
-            "layers_per_block": 1,
-            "norm_num_groups": 8,
-            "sample_size": 64,
-        },
+        vae=_TINY_VAE,
         text_encoder={
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -214,6 +277,22 @@ PRESETS: dict[str, Architecture] = {
         scheduler={**_SD_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"},
         tokenizer={"pad_token": "!"},
     ),
+    "sdxl": Architecture(name="sdxl", unet=_SDXL_UNET, vae=_SDXL_VAE, text_encoder=_CLIP_L,
+                         text_encoder_2=_OPENCLIP_BIGG, scheduler=_SDXL_SCHEDULER),
+    # the refiner conditions on the second encoder alone, and on an aesthetic score instead of a target size
+    "sdxl-refiner": Architecture(name="sdxl-refiner", unet=_SDXL_REFINER_UNET, vae=_SDXL_VAE, text_encoder=None,
+                                 text_encoder_2=_OPENCLIP_BIGG, scheduler=_SDXL_SCHEDULER),
+    # SDXL's layout at test size: two 3-layer encoders (so clip skip 1 exists), 32 and 48 wide (of other widths,
+    # as in SDXL, which is how diffusers' single-file loader tells them apart), a two-level U-Net
+    "tiny-sdxl": Architecture(
+        name="tiny-sdxl", unet=_tiny_sdxl_unet(80, 6), vae={**_TINY_VAE, "scaling_factor": 0.13025},
+        text_encoder={**_text_encoder(32, 3), "num_attention_heads": 4},
+        text_encoder_2={**_text_encoder(48, 3), "hidden_act": "gelu"}, scheduler=_SDXL_SCHEDULER,
+    ),
+    "tiny-sdxl-refiner": Architecture(
+        name="tiny-sdxl-refiner", unet=_tiny_sdxl_unet(48, 5), vae={**_TINY_VAE, "scaling_factor": 0.13025},
+        text_encoder=None, text_encoder_2={**_text_encoder(48, 3), "hidden_act": "gelu"}, scheduler=_SDXL_SCHEDULER,
+    ),
 }
 
 
@@ -227,6 +306,8 @@ def _variants() -> dict[str, Architecture]:
                        unet={**sd21.unet, "sample_size": 64}, vae={**sd21.vae, "sample_size": 512},
                        scheduler=eps_scheduler),
         "sd2-v": replace(sd21, name="sd2-v", description="SD 2.x 768-v (OpenCLIP ViT-H, v-prediction, 768)"),
+        "sdxl": replace(PRESETS["sdxl"], description="SDXL base (CLIP ViT-L + OpenCLIP bigG, epsilon, 1024)"),
+        "sdxl-refiner": replace(PRESETS["sdxl-refiner"], description="SDXL refiner (OpenCLIP bigG, epsilon, 1024)"),
     }  # fmt: skip
 
 
@@ -257,36 +338,68 @@ def build_components(
     """
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     arch = get_preset(architecture) if isinstance(architecture, str) else architecture
     arch = arch.with_overrides(overrides)
-    tokenizer = load_clip_tokenizer(**arch.tokenizer)
-    if arch.added_tokens:
-        tokenizer.add_tokens(list(arch.added_tokens))
-    text_config = CLIPTextConfig(**{
-        "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id, **arch.text_encoder,
-    })  # fmt: skip
+
     def part(make):
         # Each part draws from its own stream seeded with `seed`, so it depends only on its own config
         # and the seed: a from-scratch run that changes its U-Net keeps the same VAE (and VAE stage).
         with init_empty_weights() if empty else _seeded(seed):
             return make()
 
-    unet = part(lambda: UNet2DConditionModel.from_config(_settings(arch.unet)))
-    vae = part(lambda: AutoencoderKL.from_config(_settings(arch.vae)))
-    text_encoder = part(lambda: CLIPTextModel(text_config))
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler_config": dict(arch.scheduler),
-    }
+    parts: dict[str, Any] = {"unet": part(lambda: UNet2DConditionModel.from_config(_settings(arch.unet))),
+                             "vae": part(lambda: AutoencoderKL.from_config(_settings(arch.vae)))}  # fmt: skip
+    for suffix, config, tokenizer_options, cls in (("", arch.text_encoder, arch.tokenizer, CLIPTextModel),
+                                                  ("_2", arch.text_encoder_2, arch.tokenizer_2, CLIPTextModelWithProjection)):  # fmt: skip
+        if config is None:
+            parts["text_encoder" + suffix] = parts["tokenizer" + suffix] = None
+            continue
+        tokenizer = load_clip_tokenizer(**tokenizer_options)
+        if arch.added_tokens:
+            tokenizer.add_tokens(list(arch.added_tokens))
+        text_config = text_encoder_config(tokenizer, config)
+        parts["text_encoder" + suffix] = part(lambda: cls(text_config))
+        parts["tokenizer" + suffix] = tokenizer
+    for name in TEXT_ENCODERS + ("unet", "vae"):
+        if parts[name] is not None:
+            parts[name].eval().requires_grad_(False)
+    parts["scheduler_config"] = dict(arch.scheduler)
+    return parts
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the attribute names, as diffusers' pipelines have them
+
+
+def text_encoder_config(tokenizer, entries: dict[str, Any]):
+    """A ``CLIPTextConfig`` from ``entries`` with the vocabulary size and special ids of ``tokenizer``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{
+        "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, **entries,
+    })  # fmt: skip
+
+
+def is_sdxl(unet_config) -> bool:
+    """Whether a U-Net takes SDXL's added conditioning (pooled text embedding and micro-conditioning)."""
+    config = unet_config if isinstance(unet_config, dict) else unet_config.config
+    return config.get("addition_embed_type") == "text_time"
+
+
+def time_id_count(unet_config, pooled_dim: int) -> int:
+    """How many micro-conditioning values an SDXL U-Net reads: 6 (base: original size, crop corner,
+    target size) or 5 (refiner: original size, crop corner, aesthetic score); from its input width."""
+    config = unet_config if isinstance(unet_config, dict) else unet_config.config
+    values, rest = divmod(config["projection_class_embeddings_input_dim"] - pooled_dim, config["addition_time_embed_dim"])
+    if rest or values not in (5, 6):
+        raise InvalidInputError(
+            f"this U-Net's added conditioning ({config['projection_class_embeddings_input_dim']} wide) does not fit a "
+            f"{pooled_dim}-wide pooled text embedding with 5 or 6 micro-conditioning values: the parts do not belong together"
+        )
+    return values
 
 
 def downscale_factor(module) -> int:

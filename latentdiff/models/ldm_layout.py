@@ -1,4 +1,4 @@
-"""The original latent-diffusion key layout of SD 1.x / 2.x checkpoints, mapped to diffusers' names.
+"""The original key layouts of SD 1.x / 2.x (``ldm``) and SDXL (``sgm``) checkpoints, mapped to diffusers' names.
 
 One list of :class:`Rule` s, built from a model's own parameter names and configuration, serves
 both directions (file -> model when loading, model -> file when exporting), so a round trip is
@@ -10,7 +10,13 @@ the identity by construction. The original layout (CompVis ``ldm``, Stability's 
                                        mid-block attention as 1x1 convolutions)
 ``cond_stage_model.transformer.*``     SD 1.x: OpenAI CLIP ViT-L/14 text model, transformers' names
 ``cond_stage_model.model.*``           SD 2.x: OpenCLIP ViT-H text tower (``resblocks``, fused q/k/v)
+``conditioner.embedders.0.transformer``  SDXL base: the CLIP ViT-L text model (transformers' names)
+``conditioner.embedders.1.model.*``    SDXL base: OpenCLIP bigG (as SD 2.x's, plus ``text_projection``,
+                                       stored transposed); the refiner's only encoder is ``embedders.0``
 =====================================  =========================================================
+
+SDXL's U-Net adds ``label_emb.0.0`` / ``label_emb.0.2`` (diffusers' ``add_embedding``), the
+projection of the pooled text embedding and micro-conditioning.
 
 diffusers' ``single_file_utils`` does the file -> model direction for its own loader; it is used
 here only as an independent check in the tests, because it drops keys it does not recognise and
@@ -28,6 +34,17 @@ import torch
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 CLIP_PREFIX = TEXT + "transformer.text_model."
 OPENCLIP_PREFIX = TEXT + "model."
+SDXL_TEXT = "conditioner.embedders."
+
+
+def text_prefixes(sdxl: bool, refiner: bool = False) -> dict[str, str]:
+    """Where each text encoder's tensors live in a single file: part -> key prefix (CLIP ViT-L's
+    prefixes include ``text_model.``, OpenCLIP's are the tower's root)."""
+    if not sdxl:
+        return {"text_encoder": TEXT}
+    if refiner:
+        return {"text_encoder_2": SDXL_TEXT + "0.model."}
+    return {"text_encoder": SDXL_TEXT + "0.transformer.text_model.", "text_encoder_2": SDXL_TEXT + "1.model."}
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,7 @@ class Rule:
 
     file_key: str
     targets: tuple[tuple[str, str], ...]
+    transpose: bool = False  # the file stores the matrix transposed (OpenCLIP's text_projection: x @ P)
 
 
 class LayoutError(ValueError):
@@ -52,7 +70,8 @@ class LayoutError(ValueError):
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
 _UNET_FIXED = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-               "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+               "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # fmt: skip
 
 
 def _resnet_tail(tail: str) -> str:
@@ -178,34 +197,42 @@ _OPENCLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc"
              "self_attn.out_proj": "attn.out_proj"}  # fmt: skip
 
 
-def text_rules(keys: Iterable[str], openclip: bool) -> list[Rule]:
-    """Rules for a transformers ``CLIPTextModel`` (keys with or without ``text_model.``)."""
+def text_rules(keys: Iterable[str], openclip: bool, part: str = "text_encoder", prefix: str = TEXT) -> list[Rule]:
+    """Rules for a transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` (keys with or
+    without ``text_model.``) stored under ``prefix`` (SD: ``cond_stage_model.``; SDXL: see
+    :func:`text_prefixes`) as OpenAI CLIP (transformers' own names) or OpenCLIP."""
+    if prefix == TEXT:  # SD 1.x / 2.x: the family decides the level below cond_stage_model.
+        prefix = CLIP_PREFIX if not openclip else OPENCLIP_PREFIX
     rules, fused = [], {}
     for key in keys:
         short = key.removeprefix("text_model.")
         if not openclip:
-            rules.append(Rule(CLIP_PREFIX + short, (("text_encoder", key),)))
+            if short == "text_projection.weight":
+                raise LayoutError(key)  # (SDXL's projected encoder is OpenCLIP)
+            rules.append(Rule(prefix + short, ((part, key),)))
             continue
         if short == "embeddings.token_embedding.weight":
-            rules.append(Rule(OPENCLIP_PREFIX + "token_embedding.weight", (("text_encoder", key),)))
+            rules.append(Rule(prefix + "token_embedding.weight", ((part, key),)))
         elif short == "embeddings.position_embedding.weight":
-            rules.append(Rule(OPENCLIP_PREFIX + "positional_embedding", (("text_encoder", key),)))
+            rules.append(Rule(prefix + "positional_embedding", ((part, key),)))
         elif short.startswith("final_layer_norm."):
-            rules.append(Rule(OPENCLIP_PREFIX + "ln_final." + short.split(".", 1)[1], (("text_encoder", key),)))
+            rules.append(Rule(prefix + "ln_final." + short.split(".", 1)[1], ((part, key),)))
+        elif short == "text_projection.weight":
+            rules.append(Rule(prefix + "text_projection", ((part, key),), transpose=True))
         elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", short):
             fused.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = key
         elif m := re.match(
             r"encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2|mlp\.fc1|mlp\.fc2|self_attn\.out_proj)\.(.+)", short
         ):
             old = f"transformer.resblocks.{m.group(1)}.{_OPENCLIP[m.group(2)]}.{m.group(3)}"
-            rules.append(Rule(OPENCLIP_PREFIX + old, (("text_encoder", key),)))
+            rules.append(Rule(prefix + old, ((part, key),)))
         else:
             raise LayoutError(key)
     for (layer, kind), parts in sorted(fused.items()):
         if set(parts) != {"q", "k", "v"}:
             raise LayoutError(f"encoder.layers.{layer}.self_attn: q, k and v projections must all be present")
-        targets = tuple(("text_encoder", parts[c]) for c in "qkv")
-        rules.append(Rule(f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{kind}", targets))
+        targets = tuple((part, parts[c]) for c in "qkv")
+        rules.append(Rule(f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}", targets))
     return rules
 
 
@@ -214,11 +241,13 @@ def is_openclip(text_config) -> bool:
     return getattr(text_config, "hidden_act", "quick_gelu") == "gelu"
 
 
-def build_rules(unet_keys, unet_config, vae_keys, vae_config, text_keys, openclip: bool) -> list[Rule]:
-    """Every model tensor's place in the original layout."""
+def build_rules(unet_keys, unet_config, vae_keys, vae_config, texts) -> list[Rule]:
+    """Every model tensor's place in the original layout. ``texts``: (part, keys, openclip, prefix)
+    for each text encoder."""
     rules = [Rule(UNET + unet_key(k, unet_config), (("unet", k),)) for k in unet_keys]
     rules += [Rule(VAE + vae_key(k, vae_config), (("vae", k),)) for k in vae_keys]
-    rules += text_rules(text_keys, openclip)
+    for part, keys, openclip, prefix in texts:
+        rules += text_rules(keys, openclip, part, prefix)
     return rules
 
 
@@ -250,6 +279,8 @@ def to_original(rules: list[Rule], states: dict[str, dict[str, torch.Tensor]], s
     for rule in rules:
         tensors = [states[part][key] for part, key in rule.targets]
         value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+        if rule.transpose:
+            value = value.T.contiguous()
         shape = shapes.get(rule.file_key)
         out[rule.file_key] = value if shape is None else value.reshape(shape)
     return out

@@ -6,9 +6,11 @@ layer computes W x + scale * (alpha / r) * B (A x). Two layouts are read:
 
 - kohya / web-UI: ``lora_unet_<path>.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` and
   ``lora_te_<path>...`` for the text encoder, where ``<path>`` is the module path with ``_`` for
-  ``.`` (diffusers' names, or the original layout's ``input_blocks_4_1_...``);
+  ``.`` (diffusers' names, or the original layout's ``input_blocks_4_1_...``); SDXL files name the
+  two encoders ``lora_te1_`` and ``lora_te2_``;
 - peft / diffusers: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.`` for the
-  text encoder; without a prefix, what ``peft.get_peft_model_state_dict`` returns), alpha from
+  text encoder, ``text_encoder_2.`` for SDXL's second; without a prefix, what
+  ``peft.get_peft_model_state_dict`` returns), alpha from
   the ``lora_adapter_metadata`` entry where diffusers wrote one, else alpha = r;
 - the older diffusers layouts, before peft: attention processors
   (``<attention>.processor.to_q_lora.down.weight``, ``to_out_lora`` for ``to_out.0``; in the text
@@ -61,12 +63,17 @@ _TE_ROOTS = ("text_model.", "encoder.layers.", "embeddings.", "final_layer_norm"
 class _Pair:
     """One layer's low-rank factors as read from a file, before matching."""
 
-    part: str  # "unet" | "text_encoder" | "" (unknown)
+    part: str  # "unet" | "text_encoder" | "text_encoder_2" | "" (unknown)
     name: str  # kohya name or module path, as written in the file
     down: Optional[torch.Tensor] = None
     up: Optional[torch.Tensor] = None
     alpha: Optional[float] = None
     keys: list[str] = field(default_factory=list)
+
+
+_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2"}
+# kohya's prefixes: SD 1.x / 2.x name the one encoder lora_te_; SDXL lora_te1_ and lora_te2_
+_KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 
 
 @dataclass
@@ -82,7 +89,7 @@ class LoraReport:
     layers: dict[str, int]  # part -> layers adapted
 
     def summary(self) -> str:
-        parts = ", ".join(f"{'U-Net' if p == 'unet' else 'text encoder'} {n}" for p, n in self.layers.items() if n)
+        parts = ", ".join(f"{_LABELS.get(p, p)} {n}" for p, n in self.layers.items() if n)
         text = (f"LoRA {self.name!r}: {self.applied_keys} keys applied to {sum(self.layers.values())} layers "
                 f"({parts}), scale {self.scale:g}; {len(self.unmatched_keys)} keys matched nothing")  # fmt: skip
         if self.unmatched_keys:
@@ -117,16 +124,17 @@ class LoraSet:
             raise InvalidInputError(
                 f"a LoRA named {name!r} is already loaded; pass another name= or unload_lora() first"
             )
-        if any(getattr(m, "fused_projections", False) for net in (pipe.unet, pipe.text_encoder) for m in net.modules()):
+        nets = {name: module for name, module in pipe.networks() if name != "vae"}
+        if any(getattr(m, "fused_projections", False) for net in nets.values() for m in net.modules()):
             # fused attention reads to_qkv, so hooks on to_q / to_k / to_v would silently do nothing
             raise InvalidInputError(
                 "this pipeline's attention projections are fused (optimize() / --fast); load LoRAs before optimizing"
             )
         tensors, metadata = read_tensor_file(path)
         pairs, unreadable = _read_pairs(tensors, metadata, path)
-        modules = {"unet": _targets(pipe.unet, "unet"), "text_encoder": _targets(pipe.text_encoder, "text_encoder")}
+        modules = {name: _targets(net, name, sdxl=pipe.sdxl) for name, net in nets.items()}
         layers: dict[torch.nn.Module, tuple] = {}
-        counts = {"unet": 0, "text_encoder": 0}
+        counts = {name: 0 for name in nets}
         unmatched = list(unreadable)
         applied = 0
         for pair in pairs:
@@ -261,7 +269,7 @@ def _read_pairs(tensors: dict[str, Any], metadata: dict[str, str], path) -> tupl
                                     "get or train it again")  # fmt: skip
         if m := _KOHYA.match(key):
             prefix, stem, what = m.groups()
-            part = {"lora_unet_": "unet", "lora_te_": "text_encoder"}.get(prefix, "")  # lora_te1_/te2_: SDXL
+            part = _KOHYA_PARTS.get(prefix, "")
             pair = pairs.setdefault(prefix + stem, _Pair(part, prefix + stem))
             if what == "alpha":
                 if value.numel() != 1:
@@ -275,7 +283,7 @@ def _read_pairs(tensors: dict[str, Any], metadata: dict[str, str], path) -> tupl
             part, module = _part_of(module.removeprefix("base_model.model."))
             if m.re is _OLD_PROCESSOR:
                 projection, what = rest
-                module = f"{module}.{_OLD_NAMES[projection][part == 'text_encoder']}"
+                module = f"{module}.{_OLD_NAMES[projection][part.startswith('text_encoder')]}"
                 down = what == "down"
             else:
                 down = rest[-1] in ("lora_A", "down")
@@ -289,8 +297,8 @@ def _read_pairs(tensors: dict[str, Any], metadata: dict[str, str], path) -> tupl
 
 
 def _part_of(path: str) -> tuple[str, str]:
-    """("unet" | "text_encoder" | "", module path) from a diffusers-style key's module path."""
-    for prefix, part in (("unet.", "unet"), ("text_encoder.", "text_encoder")):
+    """("unet" | "text_encoder" | "text_encoder_2" | "", module path) from a diffusers-style key's module path."""
+    for prefix, part in (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("text_encoder_2.", "text_encoder_2")):
         if path.startswith(prefix):
             return part, path[len(prefix) :]
     if path.startswith(_UNET_ROOTS):
@@ -305,22 +313,24 @@ def _peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
     except ValueError:
         return {}
     out = {}
-    for part in ("unet", "text_encoder"):
+    for part in ("unet", "text_encoder", "text_encoder_2"):
         value = meta.get(f"{part}.lora_alpha", meta.get("lora_alpha") if part == "unet" else None)
         if isinstance(value, (int, float)):
             out[part] = float(value)
     return out
 
 
-def _targets(model: torch.nn.Module, part: str) -> dict[str, torch.nn.Module]:
-    """Every name a LoRA may use for the model's linear / conv layers."""
+def _targets(model: torch.nn.Module, part: str, sdxl: bool = False) -> dict[str, torch.nn.Module]:
+    """Every name a LoRA may use for the model's linear / conv layers (``part``: the network's
+    attribute name; ``sdxl``: the model is SDXL, whose kohya names number the encoders)."""
+    kohya = {"text_encoder": ["lora_te1_"] if sdxl else ["lora_te_"], "text_encoder_2": ["lora_te2_"]}.get(part, [])
     names: dict[str, torch.nn.Module] = {}
     for path, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
         short = path.removeprefix("text_model.")
         names[path] = names[short] = module
-        if part == "text_encoder":  # with and without CLIPTextModel's text_model level (transformers 4 / 5)
+        if part != "unet":  # with and without CLIPTextModel's text_model level (transformers 4 / 5)
             names["text_model." + short] = module
         if part == "unet":
             names["lora_unet_" + path.replace(".", "_")] = module
@@ -330,7 +340,11 @@ def _targets(model: torch.nn.Module, part: str) -> dict[str, torch.nn.Module]:
             except L.LayoutError:
                 pass
         else:
-            names["lora_te_text_model_" + short.replace(".", "_")] = module
+            # kohya spells text_model's layers with that level; the second SDXL encoder's projection sits beside it
+            outside = hasattr(model, "text_model") and not path.startswith("text_model.")
+            for prefix in kohya:
+                inside = path if outside else "text_model." + short
+                names[prefix + inside.replace(".", "_")] = module
     return names
 
 
@@ -387,7 +401,8 @@ LORA_LAYOUTS = ("kohya", "peft")
 
 
 def save_lora(path, *, unet_state=None, text_encoder_state=None, rank: int, alpha: float,
-              metadata: dict[str, str] | None = None, layout: str = "kohya") -> Path:  # fmt: skip
+              metadata: dict[str, str] | None = None, layout: str = "kohya", text_encoder_2_state=None,
+              sdxl: bool = False) -> Path:  # fmt: skip
     """Write a LoRA .safetensors atomically, in the kohya layout or (``layout="peft"``) diffusers'.
 
     ``unet_state`` / ``text_encoder_state``: what ``peft.get_peft_model_state_dict(model)`` returns
@@ -403,9 +418,12 @@ def save_lora(path, *, unet_state=None, text_encoder_state=None, rank: int, alph
       with transformers 4 and 5), with rank, alpha and target modules in ``lora_adapter_metadata``,
       as diffusers' ``save_lora_weights`` writes them: what ``pipe.load_lora_weights`` reads.
 
+    SDXL (``sdxl``, ``text_encoder_2_state`` for its second encoder): kohya's ``lora_te1_`` /
+    ``lora_te2_``, or peft's ``text_encoder_2.`` prefix.
+
     Both are read by :meth:`LatentDiffusion.load_lora`; ``metadata`` is added to the file's own.
     """
-    if not unet_state and not text_encoder_state:
+    if not unet_state and not text_encoder_state and not text_encoder_2_state:
         raise InvalidInputError("save_lora needs unet_state and/or text_encoder_state (peft state dicts)")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise InvalidInputError(f"rank must be a whole number >= 1, got {rank!r}")
@@ -418,17 +436,18 @@ def save_lora(path, *, unet_state=None, text_encoder_state=None, rank: int, alph
         raise InvalidInputError("save_lora metadata must map strings to strings")
     out: dict[str, torch.Tensor] = {}
     targets: dict[str, dict[str, int]] = {}  # part -> {module: rank}
-    for state, part in ((unet_state, "unet"), (text_encoder_state, "text_encoder")):
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    for state, part in ((unet_state, "unet"), (text_encoder_state, "text_encoder"), (text_encoder_2_state, "text_encoder_2")):
         for key, value in (state or {}).items():
             m = _PEFT.match(key)
             if m is None:
                 raise InvalidInputError(f"save_lora: {key!r} is not a peft LoRA key (…lora_A.weight / …lora_B.weight)")
             module = m.group(1).removeprefix("base_model.model.").removeprefix(f"{part}.")
-            if part == "text_encoder":  # both layouts name CLIPTextModel's text_model level
+            if part != "unet" and module != "text_projection":  # both layouts name CLIPTextModel's text_model level
                 module = "text_model." + module.removeprefix("text_model.")
             weight = value.detach().float()
             if layout == "kohya":
-                stem = ("lora_unet_" if part == "unet" else "lora_te_") + module.replace(".", "_")
+                stem = kohya_prefix[part] + module.replace(".", "_")
                 out[f"{stem}.{'lora_down' if m.group(2) == 'lora_A' else 'lora_up'}.weight"] = weight
                 out[f"{stem}.alpha"] = torch.tensor(alpha)
             else:

@@ -1,11 +1,12 @@
-"""Single-file SD 1.x / 2.x checkpoints (original latent-diffusion layout), read and written offline.
+"""Single-file SD 1.x / 2.x (``ldm``) and SDXL (``sgm``) checkpoints, read and written offline.
 
 Loading (:func:`load_single_file`):
 
 1. the file is read safely (``safe_load``: safetensors, or a pickle through ``weights_only``);
 2. the architecture comes from, in this order: the ``variant`` argument; the configuration our
    exporter embeds in the file; detection from keys and shapes among the shipped variants
-   (``architectures.VARIANTS``, built from the ``sd15`` / ``sd21`` presets: no download, ever);
+   (``architectures.VARIANTS``, built from the ``sd15`` / ``sd21`` / ``sdxl`` / ``sdxl-refiner``
+   presets: no download, ever);
 3. every key is accounted for with the rules of ``ldm_layout``: each is loaded, or known and
    unused (EMA copies, schedule buffers, OpenCLIP's last layer and projection), or reported.
    Missing, unexpected or misshapen keys are an error listing them; ``strict=False`` prints the
@@ -42,6 +43,7 @@ _IGNORED = [
                 r"|lvlb_weights|logvar)$"), "training noise-schedule buffers (the scheduler config has them)"),
     (re.compile(r"\.position_ids$"), "CLIP position ids (rebuilt by the model)"),
     (re.compile(r"^cond_stage_model\.model\.(logit_scale|text_projection)$"), "OpenCLIP contrastive head (unused)"),
+    (re.compile(r"^conditioner\.embedders\.\d\.model\.logit_scale$"), "OpenCLIP contrastive temperature (unused)"),
     (re.compile(r"^(v_pred|ztsnr)$"), "v-prediction / zero-terminal-SNR markers"),
 ]  # fmt: skip
 _RESBLOCK = re.compile(r"^cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.")
@@ -102,9 +104,10 @@ def detect_architecture(tensors: dict[str, torch.Tensor], info: dict[str, Any], 
     if isinstance(embedded, str):
         try:
             cfg = json.loads(embedded)
+            extra = {"text_encoder_2": cfg["text_encoder_2"], "tokenizer_2": cfg["tokenizer_2"]} if cfg.get("text_encoder_2") else {}
             return Architecture(name="embedded", unet=cfg["unet"], vae=cfg["vae"], text_encoder=cfg["text_encoder"],
-                                scheduler=cfg["scheduler"], tokenizer=cfg["tokenizer"],
-                                added_tokens=tuple(cfg.get("added_tokens", [])),
+                                scheduler=cfg["scheduler"], tokenizer=cfg.get("tokenizer") or {},
+                                added_tokens=tuple(cfg.get("added_tokens", [])), **extra,
                                 reason="configuration stored in the file by latentdiff")  # fmt: skip
         except (ValueError, KeyError, TypeError):
             pass  # damaged metadata: fall back to detection
@@ -124,9 +127,14 @@ def _detect(tensors: dict[str, torch.Tensor], info: dict[str, Any], path) -> tup
     heuristic, so it is said aloud; pass ``variant=`` to override it.
     """
     probe = L.UNET + "input_blocks.0.0.weight"
+    if probe in tensors and any(k.startswith(L.SDXL_TEXT) for k in tensors):
+        # SDXL's sgm layout: the base has CLIP ViT-L as embedder 0 and OpenCLIP bigG as 1; the refiner
+        # only OpenCLIP bigG, as embedder 0
+        if any(k.startswith(L.SDXL_TEXT + "1.model.") for k in tensors):
+            return VARIANTS["sdxl"], "SDXL text encoders (CLIP ViT-L and OpenCLIP bigG)"
+        if any(k.startswith(L.SDXL_TEXT + "0.model.") for k in tensors):
+            return VARIANTS["sdxl-refiner"], "SDXL refiner text encoder (OpenCLIP bigG alone)"
     if probe not in tensors:
-        if any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb")) for k in tensors):
-            raise InvalidInputError(f"{path} looks like an SDXL checkpoint; latentdiff loads SD 1.x / 2.x only")
         if any(k.startswith(("down_blocks.", "unet.", "lora_")) for k in tensors):
             raise InvalidInputError(f"{path} is not a full checkpoint in the original layout (it looks like a "
                                     "diffusers part or a LoRA); give a model file, or load LoRAs with --lora")  # fmt: skip
@@ -142,16 +150,29 @@ def _detect(tensors: dict[str, torch.Tensor], info: dict[str, Any], path) -> tup
         return VARIANTS["sd2"], "SD 2.x text encoder; weight statistics suggest epsilon prediction (heuristic)"
     if any(k.startswith(L.TEXT + "transformer.") for k in tensors) or width == 768:
         return VARIANTS["sd1"], "SD 1.x text encoder (CLIP ViT-L)"
-    raise InvalidInputError(f"{path}: cannot tell SD 1.x from 2.x (no text encoder, no cross-attention); "
+    raise InvalidInputError(f"{path}: cannot tell SD 1.x from 2.x or SDXL (no text encoder, no cross-attention); "
                             f"pass variant= one of {', '.join(VARIANTS)}")  # fmt: skip
 
 
 # -- building and accounting -----------------------------------------------------------------------
 
 
-def model_rules(unet, vae, text_encoder) -> list[L.Rule]:
-    return L.build_rules(unet.state_dict().keys(), unet.config, vae.state_dict().keys(), vae.config,
-                         text_encoder.state_dict().keys(), L.is_openclip(text_encoder.config))  # fmt: skip
+def model_rules(parts: dict[str, Any]) -> list[L.Rule]:
+    """The rules of a model's networks (``{"unet": ..., "vae": ..., "text_encoder": ..., "text_encoder_2": ...}``,
+    absent text encoders None)."""
+    from .architectures import is_sdxl, time_id_count
+
+    unet, vae = parts["unet"], parts["vae"]
+    sdxl = is_sdxl(unet)
+    refiner = sdxl and time_id_count(unet, parts["text_encoder_2"].config.projection_dim) == 5
+    texts = [(part, parts[part].state_dict().keys(), L.is_openclip(parts[part].config), prefix)
+             for part, prefix in L.text_prefixes(sdxl, refiner).items()]  # fmt: skip
+    return L.build_rules(unet.state_dict().keys(), unet.config, vae.state_dict().keys(), vae.config, texts)
+
+
+def networks(parts: dict[str, Any]) -> dict[str, Any]:
+    """The networks among ``parts`` (those that are not None), by name."""
+    return {name: parts[name] for name in ("unet", "vae", "text_encoder", "text_encoder_2") if parts.get(name) is not None}
 
 
 def account(tensors: dict[str, torch.Tensor], rules: list[L.Rule], model_shapes: dict[tuple[str, str], tuple],
@@ -162,7 +183,7 @@ def account(tensors: dict[str, torch.Tensor], rules: list[L.Rule], model_shapes:
     reported as unexpected when that is None.
     """
     report = KeyReport()
-    states: dict[str, dict[str, torch.Tensor]] = {part: {} for rule in rules for part, _ in rule.targets}
+    states: dict[str, dict[str, torch.Tensor]] = {part: {} for part, _ in model_shapes}
     used = set()
     aliases = _clip_aliases(tensors)
     for rule in rules:
@@ -171,7 +192,7 @@ def account(tensors: dict[str, torch.Tensor], rules: list[L.Rule], model_shapes:
             report.missing.append(rule.file_key)
             continue
         used.add(key)
-        value = tensors[key]
+        value = tensors[key].T if rule.transpose and tensors[key].ndim == 2 else tensors[key]
         pieces = [value] if len(rule.targets) == 1 else _split(value, len(rule.targets))
         shapes = [model_shapes[t] for t in rule.targets]
         fitted = [None if p is None else L.fit(p, s) for p, s in zip(pieces or [None] * len(shapes), shapes)]
@@ -221,13 +242,14 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
     tensors, info = read_checkpoint(path)
     arch = detect_architecture(tensors, info, variant, path)
     built = build_components(arch, empty=True)
-    parts = {name: built[name] for name in ("unet", "vae", "text_encoder")}
+    parts = networks(built)
     try:
-        rules = model_rules(*parts.values())
+        rules = model_rules(built)
     except L.LayoutError as e:
         raise InvalidInputError(f"the architecture of {path} has no original-layout form ({e})") from None
     shapes = {(part, k): tuple(v.shape) for part, m in parts.items() for k, v in m.state_dict().items()}
-    text_layers = parts["text_encoder"].config.num_hidden_layers
+    first = parts.get("text_encoder", parts.get("text_encoder_2"))
+    text_layers = first.config.num_hidden_layers
     report, states = account(tensors, rules, shapes, lambda key: _ignored(key, text_layers))
     if "heuristic" in arch.reason:
         print(f"latentdiff: {path}: read as {arch.description} ({arch.reason}); "
@@ -242,7 +264,7 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
     complete = not (report.missing or report.mismatched)  # every model tensor has a value from the file
     if not complete:  # the others need initial values
         built = build_components(arch)
-        parts = {name: built[name] for name in ("unet", "vae", "text_encoder")}
+        parts = networks(built)
     for name, module in parts.items():
         module.load_state_dict(states[name], strict=complete, assign=complete)
         torch.nn.Module.to(module, dtype=dtype or torch.float32).eval().requires_grad_(False)  # (diffusers .to() warns)
@@ -250,18 +272,33 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
         print(f"latentdiff: {path} loaded with differences ({arch.name}, {arch.reason}):", file=sys.stderr)
         for line in report.lines():
             print(f"  {line}", file=sys.stderr)
-    return {**parts, "tokenizer": built["tokenizer"], "scheduler_config": dict(arch.scheduler)}, arch, report
+    tokenizers = {name: built[name] for name in ("tokenizer", "tokenizer_2")}
+    return {"text_encoder": None, **parts, **tokenizers, "scheduler_config": dict(arch.scheduler)}, arch, report
 
 
 # -- writing ---------------------------------------------------------------------------------------
 
 
-def original_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """The three networks' tensors under their original-layout names."""
-    rules = model_rules(unet, vae, text_encoder)
-    states = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": text_encoder.state_dict()}
+def original_state_dict(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The networks' tensors (``parts`` as in :func:`model_rules`) under their original-layout names."""
+    rules = model_rules(parts)
+    states = {name: module.state_dict() for name, module in networks(parts).items()}
     model_shapes = {(p, k): tuple(v.shape) for p, s in states.items() for k, v in s.items()}
     return L.to_original(rules, states, L.file_shapes(rules, model_shapes))
+
+
+_NOT_STORED = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "architectures",
+               "dtype", "torch_dtype", "transformers_version", "model_type")  # fmt: skip
+
+
+def _text_config(encoder, tokenizer) -> Optional[dict[str, Any]]:
+    """What a single file records of a text encoder's config (the rest comes from its tokenizer)."""
+    if encoder is None:
+        return None
+    config = {k: v for k, v in encoder.config.to_dict().items() if not k.startswith("_") and k not in _NOT_STORED}
+    if encoder.config.max_position_embeddings != tokenizer.model_max_length:
+        config["max_position_embeddings"] = encoder.config.max_position_embeddings
+    return config
 
 
 def save_single_file(pipe, path: str | Path) -> Path:
@@ -270,27 +307,27 @@ def save_single_file(pipe, path: str | Path) -> Path:
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise InvalidInputError(f"{path}: a single-file checkpoint ends in .safetensors (or .ckpt); "
                                 "give such a name, or a folder name for the diffusers layout")  # fmt: skip
+    parts = dict(pipe.networks())
     try:
-        tensors = original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
+        tensors = original_state_dict(parts)
     except L.LayoutError as e:
         raise InvalidInputError(
             f"this model's architecture has no original-layout form ({e}); save a folder instead"
         ) from None
-    tok = pipe.tokenizer
+    tok = pipe.tokenizer or pipe.tokenizer_2
     config = {
         "format": 1,
         "unet": _plain(pipe.unet.config),
         "vae": _plain(pipe.vae.config),
-        "text_encoder": {k: v for k, v in pipe.text_encoder.config.to_dict().items()
-                         if not k.startswith("_") and k not in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
-                                      "max_position_embeddings", "architectures", "dtype", "torch_dtype",
-                                      "transformers_version", "model_type")},
+        "text_encoder": _text_config(pipe.text_encoder, pipe.tokenizer),
         "scheduler": pipe.scheduler_config,
-        "tokenizer": {"pad_token": tok.pad_token, "model_max_length": tok.model_max_length},
+        "tokenizer": None if pipe.tokenizer is None else {"pad_token": tok.pad_token, "model_max_length": tok.model_max_length},
         "added_tokens": tok.convert_ids_to_tokens(list(range(VOCAB_SIZE, len(tok)))),
     }  # fmt: skip
-    if pipe.text_encoder.config.max_position_embeddings != tok.model_max_length:
-        config["text_encoder"]["max_position_embeddings"] = pipe.text_encoder.config.max_position_embeddings
+    if pipe.text_encoder_2 is not None:
+        tok2 = pipe.tokenizer_2
+        config["text_encoder_2"] = _text_config(pipe.text_encoder_2, tok2)
+        config["tokenizer_2"] = {"pad_token": tok2.pad_token, "model_max_length": tok2.model_max_length}
     metadata = {META_KEY: json.dumps(config, sort_keys=True)}
     if pipe.scheduler_config.get("prediction_type") == "v_prediction":
         # Markers in the state dict, where ComfyUI looks (for SDXL-class files: "v_pred", and "ztsnr" for a

@@ -8,7 +8,9 @@ the 75-token chunking of ``generation/prompts.py`` see ordinary tokens. Layouts 
 
 - A1111 ``.pt``: ``{"string_to_param": {"*": (n, D)}, "name": ...}``; A1111 ``.safetensors``:
   ``{"emb_params": (n, D)}`` (the token defaults to the file name, as in the web UI);
-- diffusers ``learned_embeds``: ``{"<token>": (D,) or (n, D)}`` (the token defaults to the key).
+- diffusers ``learned_embeds``: ``{"<token>": (D,) or (n, D)}`` (the token defaults to the key);
+- SDXL (A1111, ComfyUI, kohya): ``{"clip_l": (n, 768), "clip_g": (n, 1280)}``, one set of vectors
+  per text encoder, the same token added to both tokenizers (the token defaults to the file name).
 """
 
 from __future__ import annotations
@@ -36,46 +38,77 @@ class Embedding:
         return {"token": self.token, "vectors": len(self.tokens), "path": self.path, "sha256": self.sha256}
 
 
-def read_embedding(path: str | Path, token: Optional[str] = None) -> tuple[str, torch.Tensor]:
-    """(token, vectors (n, D)) from a textual-inversion file."""
+SDXL_KEYS = ("clip_l", "clip_g")  # the vectors for text_encoder and text_encoder_2
+
+
+def read_embedding(path: str | Path, token: Optional[str] = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """(token, vectors): ``{"": (n, D)}`` for an SD 1.x / 2.x embedding, ``{"clip_l": (n, 768),
+    "clip_g": (n, 1280)}`` (either may be absent) for an SDXL one."""
     path = Path(path)
     contents, _ = read_tensor_file(path)
-    if "clip_l" in contents or "clip_g" in contents:
-        raise InvalidInputError(f"{path} is an SDXL embedding (clip_l / clip_g); latentdiff runs SD 1.x / 2.x models")
-    if isinstance(contents.get("string_to_param"), dict) and contents["string_to_param"]:
-        vectors, default = next(iter(contents["string_to_param"].values())), path.stem
+    if any(key in contents for key in SDXL_KEYS):
+        found = {key: contents[key] for key in SDXL_KEYS if key in contents}
+        default = path.stem
+    elif isinstance(contents.get("string_to_param"), dict) and contents["string_to_param"]:
+        found, default = {"": next(iter(contents["string_to_param"].values()))}, path.stem
     elif "emb_params" in contents:
-        vectors, default = contents["emb_params"], path.stem
+        found, default = {"": contents["emb_params"]}, path.stem
     else:
         tensors = {k: v for k, v in contents.items() if isinstance(v, torch.Tensor)}
         if len(tensors) != 1:
             raise InvalidInputError(
-                f"{path} is not a textual-inversion embedding (expected string_to_param, emb_params or one "
-                f"token -> vector entry; found {', '.join(list(contents)[:5]) or 'nothing'})"
+                f"{path} is not a textual-inversion embedding (expected string_to_param, emb_params, clip_l / clip_g "
+                f"or one token -> vector entry; found {', '.join(list(contents)[:5]) or 'nothing'})"
             )
         default, vectors = next(iter(tensors.items()))
-    if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2) or vectors.numel() == 0:
-        raise InvalidInputError(f"{path}: the embedding is not a vector or a (vectors, dim) matrix")
+        found = {"": vectors}
+    for vectors in found.values():
+        if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2) or vectors.numel() == 0:
+            raise InvalidInputError(f"{path}: the embedding is not a vector or a (vectors, dim) matrix")
     token = default if token is None else token
     if not isinstance(token, str) or not token.strip() or re.search(r"\s", token):
         raise InvalidInputError(f"embedding token must be one word without spaces, got {token!r}; pass token=")
-    return token, vectors.reshape(-1, vectors.shape[-1]).detach()
+    counts = {v.reshape(-1, v.shape[-1]).shape[0] for v in found.values()}
+    if len(counts) > 1:
+        raise InvalidInputError(f"{path}: clip_l and clip_g hold different numbers of vectors; the file is damaged")
+    return token, {key: v.reshape(-1, v.shape[-1]).detach() for key, v in found.items()}
 
 
-def add_embedding(tokenizer, text_encoder, path: str | Path, token: Optional[str] = None) -> Embedding:
-    """Add the file's vectors to ``tokenizer`` and ``text_encoder`` (in place)."""
-    token, vectors = read_embedding(path, token)
+def add_embedding(encoders: list[tuple[str, object, object]], path: str | Path, token: Optional[str] = None) -> Embedding:
+    """Add the file's vectors to the text encoders (in place). ``encoders``: (key, tokenizer, text
+    encoder) of each encoder the model has: ``[("", tok, enc)]`` for SD 1.x / 2.x, ``("clip_l", ...)``
+    and ``("clip_g", ...)`` for SDXL (the refiner: ``clip_g`` alone)."""
+    token, found = read_embedding(path, token)
+    keys = [key for key, _, _ in encoders]
+    if "" in found and "" not in keys:
+        raise InvalidInputError(f"{path} is an SD 1.x / 2.x embedding (one set of vectors); this SDXL model needs "
+                                "clip_l / clip_g vectors, one set per text encoder")  # fmt: skip
+    if "" not in found and "" in keys:
+        raise InvalidInputError(f"{path} is an SDXL embedding (clip_l / clip_g); this model is SD 1.x / 2.x")
+    missing = [key for key in keys if key not in found]
+    if missing:
+        raise InvalidInputError(f"{path} has no {missing[0]} vectors, which this model's text encoder needs")
+    n = next(iter(found.values())).shape[0]
+    tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
+    for key, tokenizer, text_encoder in encoders:  # check all before changing any
+        table = text_encoder.get_input_embeddings()
+        if found[key].shape[1] != table.weight.shape[1]:
+            raise InvalidInputError(
+                f"{path} holds {found[key].shape[1]}-wide {key + ' ' if key else ''}vectors but this text encoder's are "
+                f"{table.weight.shape[1]}-wide: the embedding was trained for another model (SD 1.x: 768, SD 2.x: 1024, "
+                "SDXL: clip_l 768 and clip_g 1280)"
+            )
+        vocab = tokenizer.get_vocab()
+        taken = [t for t in tokens if t in vocab or t.lower() in vocab]
+        if taken:
+            raise InvalidInputError(f"token {taken[0]!r} is already in the tokenizer; pass another token= for {path}")
+    for key, tokenizer, text_encoder in encoders:
+        _append(tokenizer, text_encoder, tokens, found[key], path)
+    return Embedding(token, tokens, str(path), file_sha256(path))
+
+
+def _append(tokenizer, text_encoder, tokens: list[str], vectors: torch.Tensor, path) -> None:
     table = text_encoder.get_input_embeddings()
-    if vectors.shape[1] != table.weight.shape[1]:
-        raise InvalidInputError(
-            f"{path} holds {vectors.shape[1]}-wide vectors but this text encoder's are {table.weight.shape[1]}-wide: "
-            "the embedding was trained for another model (SD 1.x: 768, SD 2.x: 1024)"
-        )
-    tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
-    vocab = tokenizer.get_vocab()
-    taken = [t for t in tokens if t in vocab or t.lower() in vocab]
-    if taken:
-        raise InvalidInputError(f"token {taken[0]!r} is already in the tokenizer; pass another token= for {path}")
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     if ids != list(range(table.weight.shape[0], table.weight.shape[0] + len(tokens))):
@@ -86,7 +119,6 @@ def add_embedding(tokenizer, text_encoder, path: str | Path, token: Optional[str
         torch.nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight).requires_grad_(False)
     )
     text_encoder.config.vocab_size = weight.shape[0]
-    return Embedding(token, tokens, str(path), file_sha256(path))
 
 
 def expand(prompt: str, embeddings: list[Embedding]) -> str:

@@ -170,7 +170,7 @@ def prepare(pipe, call: dict[str, Any], images: dict[str, Any], limits: Limits, 
     }  # fmt: skip
     # Images share a U-Net batch only when every argument that reaches the U-Net, the scheduler or
     # the decoder is equal, and their prompts have equal lengths in 77-token chunks (one group).
-    tok = pipe.tokenizer
+    tok = pipe.encoders[0][0]  # (SDXL's tokenizers split text alike: one count)
     chunks = count_chunks(tok, spec["prompt"])
     if request.guided:
         chunks = max(chunks, count_chunks(tok, spec["negative_prompt"]))

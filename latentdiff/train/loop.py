@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ..data.dataset import encode_captions
 from ..tomlconfig import to_toml
 from . import checkpoints
 from .config import TrainConfig, check_config
@@ -118,11 +119,16 @@ def batch_loss(run: Run, batch: dict[str, torch.Tensor], micro: int) -> torch.Te
     timesteps = draw("timesteps", (shape[0],), run.noise_scheduler.config.num_train_timesteps)
     noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t = a_t z_0 + s_t eps
     if "text_embeds" in batch:
-        cond = batch["text_embeds"].to(device, non_blocking=True)
+        cond, pooled = batch["text_embeds"].to(device, non_blocking=True), batch.get("pooled")  # (B, 77, D), (B, D')
     else:
+        ids = [batch[key] for key in ("input_ids", "input_ids_2") if key in batch]  # (B, 77) per encoder
         with torch.set_grad_enabled(run.train_text_encoder):
-            cond = run.text_encoder(batch["input_ids"].to(device, non_blocking=True))[0]  # (B, 77, D)
-    pred = run.unet(noisy, timesteps, cond.to(noisy.dtype)).sample
+            cond, pooled = encode_captions(run.text_encoders, ids, pipe.sdxl)
+    extra = {}
+    if pooled is not None:  # SDXL: the pooled text embedding and each sample's micro-conditioning
+        extra["added_cond_kwargs"] = {"text_embeds": pooled.to(device, noisy.dtype),
+                                      "time_ids": batch["time_ids"].to(device, noisy.dtype)}  # fmt: skip
+    pred = run.unet(noisy, timesteps, cond.to(noisy.dtype), **extra).sample
     return diffusion_loss(pred, latents, noise, timesteps, run.noise_scheduler, config.objective.snr_gamma).mean()
 
 

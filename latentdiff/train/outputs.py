@@ -31,8 +31,11 @@ def inference_pipe(run: Run):
     return LatentDiffusion(
         unet=acc.unwrap_model(run.unet),
         vae=pipe.vae,
-        text_encoder=acc.unwrap_model(run.text_encoder),
+        text_encoder=None if run.text_encoder is None else acc.unwrap_model(run.text_encoder),
         tokenizer=pipe.tokenizer,
+        text_encoder_2=None if run.text_encoder_2 is None else acc.unwrap_model(run.text_encoder_2),
+        tokenizer_2=pipe.tokenizer_2,
+        force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
         scheduler_config=inference_scheduler_config(pipe.scheduler_config, run.noise_scheduler),
         source={"training": str(run.session.out)},
     )
@@ -50,7 +53,7 @@ def validate(run: Run, step: int) -> None:
     # prompts split across ranks; sharded weights need every rank in every forward, so all run all
     mine = list(range(len(jobs)))[0 if session.sharded else session.rank :: 1 if session.sharded else session.world]
     pipe = inference_pipe(run)
-    moved = [m for m in (pipe.vae, pipe.text_encoder) if next(m.parameters()).device != session.device]
+    moved = [m for name, m in pipe.networks() if name != "unet" and next(m.parameters()).device != session.device]
     for module in moved:
         module.to(session.device)
     if run.ema is not None:
@@ -121,7 +124,8 @@ def _write_final(run: Run, step: int, full) -> None:
     session, acc, config = run.session, run.session.accelerator, run.session.config
     pipe = inference_pipe(run)
     if full is not None:  # whole weights gathered from the shards, into plain copies of the modules
-        pipe.unet, pipe.text_encoder = (_gathered(acc, m, full, run.modules) for m in (run.unet, run.text_encoder))
+        pipe.unet, pipe.text_encoder, pipe.text_encoder_2 = (
+            None if m is None else _gathered(acc, m, full, run.modules) for m in (run.unet, run.text_encoder, run.text_encoder_2))
     card = model_card(config, session.result, run.steps.seconds(), len(run.data.source.records), session.world)
     if config.lora.enabled:
         from peft.utils import get_peft_model_state_dict
@@ -132,7 +136,11 @@ def _write_final(run: Run, step: int, full) -> None:
         path = save_lora(
             session.out / "lora.safetensors",
             unet_state=get_peft_model_state_dict(pipe.unet),
-            text_encoder_state=get_peft_model_state_dict(pipe.text_encoder) if run.train_text_encoder else None,
+            text_encoder_state=get_peft_model_state_dict(pipe.text_encoder)
+            if run.train_text_encoder and pipe.text_encoder is not None else None,
+            text_encoder_2_state=get_peft_model_state_dict(pipe.text_encoder_2)
+            if run.train_text_encoder and pipe.text_encoder_2 is not None else None,
+            sdxl=pipe.sdxl,
             rank=lora.rank,
             alpha=lora.alpha,
             metadata={"latentdiff_config": to_toml(config), "ss_steps": str(step)},

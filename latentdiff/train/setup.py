@@ -221,13 +221,19 @@ class Run:
     global_batch: int  # samples per optimizer step, all processes
     modules: list  # the trained modules, as accelerate prepared them
     unet: Any  # the U-Net the loss calls: the prepared one if trained, else the frozen one
-    text_encoder: Any  # the same for the text encoder
-    train_text_encoder: bool
+    text_encoder: Any  # the same for the text encoder (None: an SDXL refiner has only the second)
+    train_text_encoder: bool  # (SDXL: both encoders train, or neither)
     params: list  # trainable parameters of the prepared modules (clipping, EMA)
     optimizer: Any  # accelerate's wrapper: it skips the step while gradients accumulate, and scales fp16
     lr_scheduler: Any  # stepped once per optimizer step (by the loop)
     ema: Any  # diffusers' EMAModel over `params`, or None
     steps: Steps  # where the stage stands (from the checkpoint on a resume), and its wall time
+    text_encoder_2: Any = None  # SDXL's second text encoder, as text_encoder
+
+    @property
+    def text_encoders(self) -> list:
+        """The text encoders the loss calls, in order (SDXL: two; the refiner: the second alone)."""
+        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
 
 
 def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
@@ -240,14 +246,15 @@ def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
     global_batch = config.train.batch_size * session.world * config.train.gradient_accumulation
     batches = BucketBatches(data.bucket_of, config.train.batch_size, config.train.seed, session.world, session.rank)
     dataset = TrainDataset(data.source, data.buckets, data.bucket_of, config.data, config.train.seed,
-                           tokenizer=pipe.tokenizer, cache=cache)  # fmt: skip
+                           tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, time_ids=pipe.time_id_count,
+                           cache=cache)  # fmt: skip
     workers = config.data.num_workers
     loader_kwargs = {"num_workers": workers, "pin_memory": session.device.type == "cuda"}
     if workers:
         loader_kwargs.update(persistent_workers=False, prefetch_factor=4)
     # The optimizer is made from the modules as they are (accelerate's prepare maps it onto what it
     # makes of them); everything else that holds parameters is made from the prepared modules.
-    optimizer, lr_scheduler = make_optimizer(config, modules, pipe.text_encoder, session.device)
+    optimizer, lr_scheduler = make_optimizer(config, modules, text_encoders(pipe), session.device)
     prepared = acc.prepare(*modules, optimizer)
     modules, optimizer = list(prepared[:-1]), prepared[-1]
     # Under FSDP2 prepare replaces the parameters with sharded ones: clipping and the EMA must
@@ -270,7 +277,7 @@ def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
         session=session, pipe=pipe, noise_scheduler=noise_scheduler, data=data, dataset=dataset, batches=batches,
         loader_kwargs=loader_kwargs, global_batch=global_batch, modules=modules,
         unet=_prepared_or_frozen(acc, modules, pipe.unet), text_encoder=_prepared_or_frozen(acc, modules, pipe.text_encoder),
-        train_text_encoder=train_te, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+        text_encoder_2=_prepared_or_frozen(acc, modules, pipe.text_encoder_2), train_text_encoder=train_te, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
         steps=session.steps(config.train.max_steps, "training", state),
     )  # fmt: skip
 
@@ -279,24 +286,33 @@ def choose_trained(session: Session, pipe) -> tuple[list[torch.nn.Module], bool]
     """Freeze what stays fixed, add LoRA adapters, set precision and memory options; returns the
     modules to train and whether the text encoder is one of them."""
     config, device = session.config, session.device
-    unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
-    for module in (unet, te, vae):
+    unet, vae, encoders = pipe.unet, pipe.vae, text_encoders(pipe)
+    for module in (unet, vae, *encoders):
         module.requires_grad_(False).eval()
     lora = config.lora
     train_unet = config.model.train_unet or lora.enabled
-    train_te = config.model.train_text_encoder
+    train_te = config.model.train_text_encoder  # (SDXL: both encoders)
     if lora.enabled:
         from ..models.lora import add_lora_adapter
 
         add_lora_adapter(unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.unet_targets)
         if train_te:
-            add_lora_adapter(te, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                             targets=lora.text_encoder_targets)  # fmt: skip
+            for te in encoders:
+                add_lora_adapter(te, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                 targets=lora.text_encoder_targets)  # fmt: skip
     elif train_unet:
         unet.requires_grad_(True)
     if train_te and not lora.enabled:
-        te.requires_grad_(True)
-    modules = ([unet] if train_unet else []) + ([te] if train_te else [])
+        for te in encoders:
+            te.requires_grad_(True)
+    if train_te and pipe.sdxl and pipe.text_encoder is not None:
+        # SDXL reads the first encoder's penultimate layer: its last layer and final norm get no gradient,
+        # so they stay frozen (else multi-process runs would wait for their gradients forever)
+        last = pipe.text_encoder.config.num_hidden_layers - 1
+        for name, param in pipe.text_encoder.named_parameters():
+            if f"encoder.layers.{last}." in name or "final_layer_norm" in name:
+                param.requires_grad_(False)
+    modules = ([unet] if train_unet else []) + (encoders if train_te else [])
     if config.train.channels_last:
         unet.to(memory_format=torch.channels_last)
     for module in modules:
@@ -307,12 +323,13 @@ def choose_trained(session: Session, pipe) -> tuple[list[torch.nn.Module], bool]
             if module is unet:
                 unet.enable_gradient_checkpointing()
             else:
-                te.gradient_checkpointing_enable()
+                module.gradient_checkpointing_enable()
     # Frozen parts run in the mixed-precision dtype to save memory; the SD VAE overflows in fp16, so it
     # stays in fp32 unless the run is bf16.
     weight_dtype = WEIGHT_DTYPES[config.train.mixed_precision]
     if not train_te:
-        te.to(device, dtype=weight_dtype)
+        for te in encoders:
+            te.to(device, dtype=weight_dtype)
     if unet not in modules:  # a text-encoder-only run still runs the frozen U-Net
         unet.to(device, dtype=weight_dtype)
     # (torch's .to: diffusers' own warns about fp32-only modules even when the VAE lists none)
@@ -320,10 +337,16 @@ def choose_trained(session: Session, pipe) -> tuple[list[torch.nn.Module], bool]
     if session.main:
         count = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
         what = "LoRA adapters" if lora.enabled else " + ".join(
-            n for n, m in (("U-Net", unet), ("text encoder", te)) if m in modules
+            n for n, m in (("U-Net", unet), ("text encoder", pipe.text_encoder), ("text encoder 2", pipe.text_encoder_2))
+            if m in modules
         )
         print(f"training {what}: {count:,} parameters")
     return modules, train_te
+
+
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders, in order (SD: one; SDXL: two; the SDXL refiner: the second)."""
+    return [module for _, module in pipe.encoders]
 
 
 def fill_cache(session: Session, pipe, data: TrainingData, train_te: bool):
@@ -337,31 +360,34 @@ def fill_cache(session: Session, pipe, data: TrainingData, train_te: bool):
         return None
     root = Path(config.data.cache_dir).expanduser() if config.data.cache_dir else session.out / "cache"
     text_frozen = not train_te
+    encoders = [(name, module) for name, module in pipe.networks() if name.startswith("text_encoder")]
     cache = LatentCache(
         root,
         vae_hash=weight_hash([("vae", pipe.vae)]),
-        text_hash=weight_hash([("text_encoder", pipe.text_encoder)]) if text_frozen else None,
+        text_hash=weight_hash(encoders) if text_frozen else None,
+        time_ids=pipe.time_id_count,
     )
     stats = cache.fill(data.source, data.buckets, data.bucket_of, config.data, vae=pipe.vae,
-                       text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, rank=session.rank,
-                       world=session.world, progress=session.main and config.train.progress)  # fmt: skip
+                       text_encoders=text_encoders(pipe), tokenizers=[tok for tok, _ in pipe.encoders], sdxl=pipe.sdxl,
+                       rank=session.rank, world=session.world, progress=session.main and config.train.progress)  # fmt: skip
     session.accelerator.wait_for_everyone()
     session.result.cache = stats
     session.say(stats.line())
     pipe.vae.to("cpu")
     if text_frozen:
-        pipe.text_encoder.to("cpu")
+        for te in text_encoders(pipe):
+            te.to("cpu")
     return cache
 
 
-def make_optimizer(config: TrainConfig, modules, text_encoder, device):
-    """AdamW (or 8-bit AdamW) over the trainable parameters, the text encoder's at its own rate, and
+def make_optimizer(config: TrainConfig, modules, encoders, device):
+    """AdamW (or 8-bit AdamW) over the trainable parameters, the text encoders' at their own rate, and
     the LR schedule."""
     from diffusers.optimization import get_scheduler
 
     opt = config.optim
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    te_params = {id(p) for p in text_encoder.parameters()}
+    te_params = {id(p) for te in encoders for p in te.parameters()}
     groups = [{"params": [p for p in params if id(p) not in te_params], "lr": opt.lr},
               {"params": [p for p in params if id(p) in te_params], "lr": opt.text_encoder_lr or opt.lr}]  # fmt: skip
     groups = [g for g in groups if g["params"]]
@@ -448,7 +474,9 @@ def _remove_stale_checkpoints(out: Path) -> None:
 
 
 def _prepared_or_frozen(acc, prepared: list, module):
-    """``module`` as accelerate prepared it, if it is trained; else itself."""
+    """``module`` as accelerate prepared it, if it is trained; else itself (None stays None)."""
+    if module is None:
+        return None
     for candidate in prepared:
         if acc.unwrap_model(candidate) is module:
             return candidate
