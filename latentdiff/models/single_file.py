@@ -22,7 +22,7 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -176,12 +176,16 @@ def networks(parts: dict[str, Any]) -> dict[str, Any]:
 
 
 def account(tensors: dict[str, torch.Tensor], rules: list[L.Rule], model_shapes: dict[tuple[str, str], tuple],
-            ignored: Callable[[str], Optional[str]]) -> tuple[KeyReport, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
+            ignored: Union[int, Callable[[str], Optional[str]]]) -> tuple[KeyReport, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
     """Match the file's keys to the model's tensors: (report, state dicts per part of what fits).
 
     A file key no rule uses is counted under ``ignored(key)`` (the reason it is known and unused), or
-    reported as unexpected when that is None.
+    reported as unexpected when that is None. An int is a full model's first text encoder's layer
+    count (the model files' own rule for what is known and unused).
     """
+    if isinstance(ignored, int):
+        text_layers = ignored
+        ignored = lambda key: _ignored(key, text_layers)  # noqa: E731
     report = KeyReport()
     states: dict[str, dict[str, torch.Tensor]] = {part: {} for part, _ in model_shapes}
     used = set()
