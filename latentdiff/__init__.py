@@ -14,6 +14,7 @@ _LAZY = {
     "LatentDiffusion": ".generation.pipeline",
     "GenerationResult": ".generation.result",
     "call_kwargs": ".generation.recipe",
+    "canny": ".generation.control_images",
 }
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "MissingFileError",
     "NonFiniteResultError",
     "call_kwargs",
+    "canny",
     "__version__",
 ]
 

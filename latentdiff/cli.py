@@ -1,6 +1,6 @@
 """The ``latentdiff`` command line: the parser and the dispatch to ``commands.py``.
 
-Subcommands: generate, batch, info, schedules, convert, data, eval, train, serve. User mistakes (bad
+Subcommands: generate, batch, info, schedules, convert, data, eval, train, serve, control. User mistakes (bad
 arguments, missing or damaged files) print one ``latentdiff: error: ...`` line and exit with
 status 2; no traceback. Parsing imports no heavy library: ``latentdiff --help`` is instant.
 What other libraries print (their loading bars, log messages and warnings) is silenced unless
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="U-Net feature caching (DeepCache): a full U-Net call every N steps, the shallow path between")  # fmt: skip
     g.add_argument("--cache-branch", type=int, default=None, metavar="B",
                    help="where the cached steps' shallow path branches off (default 0, the shallowest and fastest)")  # fmt: skip
+    g.add_argument("--control-image", action="append", default=None, metavar="FILE",
+                   help="the control image of a --controlnet (repeat: one per --controlnet, in order)")  # fmt: skip
+    g.add_argument("--control-start", type=float, default=None, help="fraction of the steps where the ControlNets start acting (default 0)")
+    g.add_argument("--control-end", type=float, default=None, help="fraction of the steps where they stop (default 1)")
     g.add_argument("--clip-skip", type=int, default=None, help="skip the last N text-encoder layers (default 0; the web UIs' 'clip skip 2' is 1 here)")
     g.add_argument("--from-png", default=None, metavar="FILE", help="remake the image whose recipe FILE carries")
     g.add_argument("-o", "--output", default=".", help="FILE.png, or a folder (default: current folder)")
@@ -98,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cfg", type=float, default=7.5, help="default guidance scale (default 7.5)")
     _add_run_arguments(b, PRESETS, SAMPLERS)
     b.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default float32)")
+    b.add_argument("--control-image", action="append", default=None, metavar="FILE",
+                   help="control image for rows without their own control_image (one per --controlnet)")  # fmt: skip
     b.add_argument("--overwrite", action="store_true", help="replace another run's images in --out")
     b.add_argument("--fast", action="store_true",
                    help="fast path in --dtype: channels_last, fused QKV, torch.compile (add --dtype float16 on GPUs)")  # fmt: skip
@@ -192,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-images", type=int, default=None, help="most images per job (default 16)")
     v.add_argument("--max-body", type=int, default=None, metavar="BYTES", help="largest request body (default 32 MiB)")
 
+    k = sub.add_parser("control", parents=[common], help="make a control image for a ControlNet from a picture")
+    k.add_argument("kind", choices=["canny"], help="canny: Canny edges (white on black), with OpenCV")
+    k.add_argument("image", help="the picture (PNG, JPEG, WebP)")
+    k.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the control image (.png)")
+    k.add_argument("--low", type=int, default=None, help="canny: lower hysteresis threshold, 0-255 scale (default 100)")
+    k.add_argument("--high", type=int, default=None, help="canny: upper hysteresis threshold (default 200)")
+
     t = sub.add_parser("train", parents=[common],
                        help="train or fine-tune a model from a TOML config (also under accelerate launch)")
     t.add_argument("--config", required=True, metavar="FILE.toml", help="run configuration (see training/configs/)")
@@ -214,6 +227,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, presets, samplers) -> None:
     p.add_argument("--preset-seed", type=int, default=0, help="seed of the --preset weights (default 0)")
     p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
                    help="apply a LoRA file at SCALE (default 1); repeat for several")  # fmt: skip
+    p.add_argument("--controlnet", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="condition on a control image with this ControlNet (folder or .safetensors / .pth file) at "
+                        "SCALE (default 1); repeat for several, each with its --control-image")  # fmt: skip
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",

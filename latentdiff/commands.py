@@ -95,6 +95,11 @@ def generate(args) -> int:
                      **{k: v for k, v in overrides.items() if k not in LCM_CALL}}  # fmt: skip
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size
+    controls = _control_specs(args.controlnet)
+    if controls or args.control_image:
+        overrides.update(_control_overrides(controls, args.control_image))
+    if args.control_start is not None or args.control_end is not None:
+        overrides.update(control_start=args.control_start, control_end=args.control_end)
     request.update({k: v for k, v in overrides.items() if v is not None})
     if args.num_images is not None:
         if args.from_png:
@@ -108,7 +113,9 @@ def generate(args) -> int:
         raise InvalidInputError(f"the recipe asks for dtype {dtype!r}; pass --dtype, one of {', '.join(DTYPES)}")
     device = _device(args.device)
     limits = Limits.parse(args.limit)
-    _check_before_loading(request, limits, model, preset, preset_seed)  # seconds, not after a long load
+    recorded_controls = recipe.get("controls") if (args.from_png and not controls) else None
+    count = len(controls) if controls else len(recorded_controls or [])
+    _check_before_loading(request, limits, model, preset, preset_seed, controls=count)  # seconds, not after a long load
     prepare_output(args.output)
     set_threads(args.threads, device)
     pipe = _load(model, preset, preset_seed, variant).to(device, getattr(torch, dtype))
@@ -118,6 +125,12 @@ def generate(args) -> int:
 
         pipe.load_lora(DEFAULT_LCM_LORA, name="lcm")
     _apply_loras(pipe, args.lora, recipe.get("loras") if args.from_png else None)
+    for path, _ in controls:
+        pipe.load_controlnet(path)
+    if args.from_png and not controls:  # the recipe's own ControlNets and IP-Adapter, or why it cannot be remade
+        from .generation.recipe import reapply_controls
+
+        reapply_controls(pipe, recipe)
     if args.fast:  # after the LoRAs; half precision on CUDA unless a dtype was asked for (or the recipe names one)
         pipe.optimize(dtype=dtype if (args.dtype or recipe.get("dtype")) else None)
     if recipe and (reasons := remake_differences(recipe, pipe)):
@@ -128,6 +141,29 @@ def generate(args) -> int:
     for path in result.save(args.output):
         print(path)
     return 0
+
+
+def _control_specs(specs) -> list[tuple[str, float]]:
+    """--controlnet PATH[:SCALE] options -> (path, scale) pairs."""
+    from .models.lora import parse_lora_spec
+
+    specs = [parse_lora_spec(s) for s in specs or []]
+    if any(path == "default" for path, _ in specs):
+        from .generation.control import no_default_controlnet
+
+        raise no_default_controlnet()
+    return specs
+
+
+def _control_overrides(controls: list[tuple[str, float]], images: Optional[list[str]]) -> dict:
+    """The call arguments of --controlnet and --control-image: one control image per ControlNet, in order."""
+    images = images or []
+    if not controls:
+        raise InvalidInputError("--control-image needs --controlnet PATH (the ControlNet that reads it)")
+    if len(images) != len(controls):
+        raise InvalidInputError(f"give one --control-image per --controlnet: {len(controls)} ControlNet(s), "
+                                f"{len(images)} control image(s)")  # fmt: skip
+    return {"control_image": images[0] if len(images) == 1 else images, "control_scale": [scale for _, scale in controls]}
 
 
 def _from_infotext(path, infotext, scheduler) -> dict:
@@ -165,11 +201,13 @@ def batch(args) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         loras=tuple(_lora_specs(args.lora)),
+        controlnets=tuple(_control_specs(args.controlnet)),
         fast=args.fast,
         limits=Limits.parse(args.limit),
         defaults=Defaults(
             negative_prompt=args.negative, n=args.num_images, steps=args.steps, guidance=args.cfg,
             width=width, height=height, scheduler=args.scheduler,
+            control_image=tuple(str(Path(f).expanduser().resolve()) for f in args.control_image or []),
         ),
     )  # fmt: skip
     if args.engine == "ray":
@@ -389,7 +427,7 @@ def free_cores() -> int:
     return max(1, min(cores, round(cores - busy)))
 
 
-def _check_before_loading(request: dict, limits: Limits, model, preset, preset_seed) -> None:
+def _check_before_loading(request: dict, limits: Limits, model, preset, preset_seed, controls: int = 0) -> None:
     """The pipeline's checks that need no weights (``request.check_arguments``), with the model's size
     rules read from its configs: a bad argument fails in a second instead of after the model load.
     Warnings wait for the real call, which gives them once."""
@@ -410,7 +448,7 @@ def _check_before_loading(request: dict, limits: Limits, model, preset, preset_s
     factor, native = rules or (None, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        check_arguments(request, limits, factor=factor, default_size=native)
+        check_arguments(request, limits, factor=factor, default_size=native, controls=controls)
 
 
 def _lora_specs(specs) -> list[tuple[str, float]]:
@@ -460,6 +498,22 @@ def serve(args) -> int:
     return 0
 
 
+def control(args) -> int:
+    from .fileio import atomic_write
+    from .generation.control_images import make_control_image
+
+    target = Path(args.output)
+    if target.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise InvalidInputError(f"-o {target}: give an image file name (.png, .jpg or .webp)")
+    options = {"low": args.low, "high": args.high}
+    image = make_control_image(args.kind, args.image, **{k: v for k, v in options.items() if v is not None})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target) as f:
+        image.save(f, format={".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(target.suffix.lower(), "PNG"))
+    print(target)
+    return 0
+
+
 # subcommand -> what runs it
 COMMANDS = {"generate": generate, "batch": batch, "info": info, "schedules": schedules, "convert": convert,
-            "data": data, "eval": evaluate, "train": train, "serve": serve}  # fmt: skip
+            "data": data, "eval": evaluate, "train": train, "serve": serve, "control": control}  # fmt: skip

@@ -108,8 +108,9 @@ def _made_from(recipe: Optional[dict], item: Item, default_size: Optional[int]) 
         "prompt": row.prompt, "negative_prompt": row.negative_prompt, "seed": item.seed,
         "num_inference_steps": row.steps, "guidance_scale": row.guidance, "scheduler": row.scheduler,
         "width": row.width or default_size, "height": row.height or default_size,
+        "control_image": list(row.control_image) or None,
     }  # fmt: skip
-    return all(recipe.get(k) == v for k, v in expected.items() if v is not None or k == "scheduler")
+    return all(recipe.get(k) == v for k, v in expected.items() if v is not None or k in ("scheduler", "control_image"))
 
 
 def _read_run_file(out) -> Optional[dict]:
@@ -126,7 +127,8 @@ def _read_run_file(out) -> Optional[dict]:
 def _comparable(run_info: dict, known: dict) -> dict:
     """What makes two runs the same run (the model by its weights, not where it lies), of what
     ``known`` has (before the model is loaded, all but the weight hash)."""
-    keys = [k for k in ("model_hash", "dtype", "device", "base_seed", "defaults", "loras") if k in known or k == "loras"]
+    keys = [k for k in ("model_hash", "dtype", "device", "base_seed", "defaults", "loras", "controlnets")
+            if k in known or k in ("loras", "controlnets")]  # fmt: skip
     return json.loads(json.dumps({k: run_info.get(k) for k in keys}))
 
 

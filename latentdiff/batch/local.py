@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from ..checks import Limits, whole_number
 from ..distributed import on_main
@@ -42,6 +42,7 @@ class BatchConfig:
     progress: bool = True
     defaults: Defaults = field(default_factory=Defaults)
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale), applied after loading
+    controlnets: tuple[tuple[str, float], ...] = ()  # (ControlNet folder or file, scale); rows give their control images
     fast: bool = False  # pipe.optimize(dtype=dtype) after the LoRAs: channels_last, fused QKV, torch.compile
     limits: Limits = field(default_factory=Limits)  # the pipeline's limits; --batch-size is bounded by limits.images
 
@@ -84,7 +85,7 @@ def run_batch(config: BatchConfig) -> int:
 
     bar = tqdm(total=len(mine), unit="img", desc="images", disable=not (config.progress and state.is_main_process))
     for chunk in plan(mine, config.batch_size):
-        errors += _make(pipe, chunk, out, part)
+        errors += _make(pipe, chunk, out, part, [scale for _, scale in config.controlnets])
         bar.update(len(chunk))
     bar.close()
     out.write(f"errors.part-{state.process_index}.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
@@ -112,7 +113,7 @@ def read_items(config: BatchConfig) -> tuple[list[Row], list[RowError], list[Ite
         raise limits.exceeded("images", f"--batch-size {config.batch_size}")
     check_values(config.defaults.n, config.defaults.steps, config.defaults.guidance,
                  config.defaults.width, config.defaults.height, config.defaults.scheduler, limits=limits)  # fmt: skip
-    rows, parse_errors = read_rows(config.prompts, config.defaults, limits)
+    rows, parse_errors = read_rows(config.prompts, config.defaults, limits, controls=len(config.controlnets))
     if not rows and not parse_errors:
         raise InvalidInputError(f"prompts file {config.prompts} holds no prompts")
     return rows, parse_errors, expand(rows, config.base_seed)
@@ -128,6 +129,8 @@ def base_run_info(config: BatchConfig, device_type: str) -> dict:
     }
     if config.loras:  # unfused LoRAs are not in the weight hash, so they are part of what makes a run
         run_info["loras"] = _lora_records(config.loras)
+    if config.controlnets:
+        run_info["controlnets"] = _controlnet_records(config.controlnets)
     return run_info
 
 
@@ -145,6 +148,8 @@ def load_pipeline(config: BatchConfig, device: str):
     pipe.limits = config.limits
     for lora_path, scale in config.loras:
         pipe.load_lora(lora_path, scale=scale)
+    for controlnet_path, _ in config.controlnets:
+        pipe.load_controlnet(controlnet_path)
     if config.fast:
         pipe.optimize(dtype=config.dtype)  # in the run's recorded dtype, so run.json stays true
     return pipe
@@ -202,6 +207,24 @@ def _lora_records(loras) -> list[dict]:
     return [{"name": Path(path).stem, "sha256": file_sha256(path), "scale": float(scale)} for path, scale in loras]
 
 
+def _controlnet_records(controlnets) -> list[dict]:
+    """What identifies the run's ControlNets (name, file hash, scale), read before any model load: a
+    folder by its weights file."""
+    from ..errors import MissingFileError
+    from ..models.hashing import file_sha256
+
+    records = []
+    for path, scale in controlnets:
+        target = Path(path)
+        if target.is_dir():
+            weights = sorted(target.glob("diffusion_pytorch_model*")) or sorted(target.glob("controlnet/diffusion_pytorch_model*"))
+            target = weights[0] if weights else target / "diffusion_pytorch_model.safetensors"
+        if not target.is_file():
+            raise MissingFileError(f"ControlNet {path} does not exist or has no weights (--controlnet)")
+        records.append({"name": Path(path).stem, "sha256": file_sha256(target), "scale": float(scale)})
+    return records
+
+
 def _process_device(requested: Optional[str], state) -> str:
     """This process's device: the one asked for, but each process on its own GPU under a launcher."""
     import torch
@@ -220,7 +243,7 @@ def _batch_key(item: Item):
     return (r.width or 0, r.height or 0, r.steps, r.scheduler or "", r.guidance)
 
 
-def _make(pipe, chunk: list[Item], out, part: PartWriter) -> list[dict]:
+def _make(pipe, chunk: list[Item], out, part: PartWriter, control_scales: Sequence[float] = ()) -> list[dict]:
     """Generate one batch and write its images; returns the error records (empty on success).
 
     A failed batch never stops the run: bad values in the rows are recorded for each of its rows;
@@ -229,15 +252,20 @@ def _make(pipe, chunk: list[Item], out, part: PartWriter) -> list[dict]:
     """
     out = open_folder(out)
     try:
-        return _make_one_call(pipe, chunk, out, part)
+        return _make_one_call(pipe, chunk, out, part, control_scales)
     finally:
         part.flush()
 
 
-def _make_one_call(pipe, chunk: list[Item], out, part: PartWriter) -> list[dict]:
+def _make_one_call(pipe, chunk: list[Item], out, part: PartWriter, control_scales: Sequence[float] = ()) -> list[dict]:
     from ..generation.recipe import png_bytes
 
     start = time.perf_counter()
+    control = {}
+    if control_scales:  # each image's own control images: per ControlNet, one per prompt
+        per_control = [[it.row.control_image[j] for it in chunk] for j in range(len(control_scales))]
+        control = {"control_image": per_control[0] if len(per_control) == 1 else per_control,
+                   "control_scale": control_scales}  # fmt: skip
     try:
         result = pipe(
             [it.row.prompt for it in chunk],
@@ -245,12 +273,13 @@ def _make_one_call(pipe, chunk: list[Item], out, part: PartWriter) -> list[dict]
             seed=[it.seed for it in chunk],
             progress=False,
             **chunk[0].request(),
+            **control,
         )
     except LatentDiffusionError as e:
         return [_error(it, str(e)) for it in chunk]
     except Exception as e:  # noqa: BLE001 - one failed batch must not end a run of thousands
         if len(chunk) > 1:
-            return [err for it in chunk for err in _make_one_call(pipe, [it], out, part)]
+            return [err for it in chunk for err in _make_one_call(pipe, [it], out, part, control_scales)]
         return [_error(chunk[0], f"{type(e).__name__}: {e}")]
     seconds = (time.perf_counter() - start) / len(chunk)
     errors = []

@@ -194,6 +194,7 @@ class Generator:
         self.pipe = load_pipeline(config, device)
         self.out = open_folder(config.out)
         self.part = PartWriter(self.out, f"ray-{writer()}")
+        self.control_scales = [scale for _, scale in config.controlnets]
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -204,7 +205,7 @@ class Generator:
         for text in batch["call"]:
             call = _decode(str(text))
             done = all(self.out.exists(it.file) for it in call)
-            errors.append(json.dumps([] if done else _make(self.pipe, call, self.out, self.part)))
+            errors.append(json.dumps([] if done else _make(self.pipe, call, self.out, self.part, self.control_scales)))
             counts.append(len(call))
         return {"images": np.array(counts), "errors": np.array(errors)}
 

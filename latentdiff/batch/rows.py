@@ -22,7 +22,8 @@ from ..errors import InvalidInputError, MissingFileError
 _EXTRA = "\0extra"  # csv.DictReader's key for fields beyond the header
 
 MAX_IMAGES_PER_ROW = 10_000  # a row's images are made over many calls; each call is bounded by the pipeline's Limits
-ROW_KEYS = ("prompt", "negative_prompt", "seed", "n", "steps", "guidance", "width", "height", "scheduler", "id")
+ROW_KEYS = ("prompt", "negative_prompt", "seed", "n", "steps", "guidance", "width", "height", "scheduler", "id",
+            "control_image")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Defaults:
     width: Optional[int] = None  # None: the model's own size
     height: Optional[int] = None
     scheduler: Optional[str] = None  # None: the model's own scheduler
+    control_image: tuple[str, ...] = ()  # one per ControlNet, for rows without their own (absolute paths)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Row:
     width: Optional[int]
     height: Optional[int]
     scheduler: Optional[str]
+    control_image: tuple[str, ...] = ()  # the control image of each ControlNet, in order (absolute paths)
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,13 @@ class RowError:
 # reading prompts files
 
 
-def read_rows(path: Path, defaults: Defaults, limits: Optional[Limits] = None) -> tuple[list[Row], list[RowError]]:
+def read_rows(path: Path, defaults: Defaults, limits: Optional[Limits] = None,
+              controls: int = 0) -> tuple[list[Row], list[RowError]]:  # fmt: skip
     """Rows of a .txt / .jsonl / .csv prompts file (UTF-8, with or without a BOM), and the rows
     that could not be read (bad values, ids taken by an earlier row, ids whose file names would
-    be an earlier row's)."""
+    be an earlier row's, control images that are missing or not one per ControlNet; ``controls``
+    ControlNets are loaded). A row's ``control_image`` is a file, relative to the prompts file's
+    folder, or in .jsonl a list of files, one per ControlNet."""
     limits = limits or Limits()
     path = Path(path)
     if not path.is_file():
@@ -126,6 +132,7 @@ def read_rows(path: Path, defaults: Defaults, limits: Optional[Limits] = None) -
                 raise InvalidInputError(f"id {row_id!r} would write the same files as id {other!r} on line {line}; "
                                         "change one of the ids")  # fmt: skip
             row = _row(obj, row_id, line_no, defaults, from_text=suffix == ".csv", limits=limits)
+            row = _with_control_images(row, obj.get("control_image"), path.parent, defaults, controls)
         except InvalidInputError as e:
             errors.append(RowError(row_id, line_no, str(e)))
             continue
@@ -221,6 +228,28 @@ def _row(obj: dict, row_id: str, line: int, defaults: Defaults, from_text: bool,
     )
     check_values(row.n, row.steps, row.guidance, row.width, row.height, row.scheduler, row.seed, limits=limits)
     return row
+
+
+def _with_control_images(row: Row, value, base: Path, defaults: Defaults, controls: int) -> Row:
+    """``row`` with its control images (its own, relative to ``base``, else the defaults), checked."""
+    from dataclasses import replace
+
+    if value is None:
+        files = defaults.control_image
+    else:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
+            raise InvalidInputError(f"control_image must be a file name or a list of them, got {value!r}")
+        files = tuple(str((base / Path(v).expanduser()).resolve()) for v in items)
+    if files and not controls:
+        raise InvalidInputError("control_image needs a ControlNet: run with --controlnet PATH")
+    if controls and len(files) != controls:
+        raise InvalidInputError(f"{controls} ControlNet(s) are loaded: give control_image with one file per ControlNet "
+                                f"(or --control-image), got {len(files)}")  # fmt: skip
+    for file in files:
+        if not Path(file).is_file():
+            raise InvalidInputError(f"control_image {file} does not exist")
+    return replace(row, control_image=files)
 
 
 def check_values(n, steps, guidance, width, height, scheduler, seed=None, limits: Optional[Limits] = None) -> None:

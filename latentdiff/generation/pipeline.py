@@ -21,6 +21,7 @@ from .prompts import CHUNK, count_chunks, encode_prompts
 from .recipe import image_params
 from .request import Request, hires_size, micro_conditioning
 from .result import GenerationResult
+from .control import Controls, is_ip_adapter_key, no_default_controlnet
 from .samplers import fresh_scheduler, scheduler_from_config
 from .sampling import Conditioning, StepCallback, denoise, guidance_embedding, initial_latents, make_generators
 from .starts import end_timesteps, img2img_start, inpaint_start, known_pixels, pixel_processor
@@ -86,6 +87,7 @@ class LatentDiffusion:
         self.loras = LoraSet()  # LoRA adapters: load_lora / fuse_lora / unload_lora
         self.embeddings: list[Embedding] = []  # textual inversions: load_textual_inversion
         self.limits = Limits()  # the most one call may ask for (size, steps, images, inputs, prompt length)
+        self.controls = Controls()  # ControlNets / T2I-Adapters / IP-Adapter: load_controlnet, load_t2i_adapter, load_ip_adapter
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -192,6 +194,57 @@ class LatentDiffusion:
         self.embeddings.append(embedding)
         return embedding
 
+    def load_controlnet(self, path: Union[str, Path], name: Optional[str] = None, *, strict: bool = True):
+        """Add a ControlNet: a diffusers ``ControlNetModel`` folder, or one original-layout file
+        (``control_model.*`` keys; ``.safetensors``, or ``.pth`` read safely), offline, every key accounted
+        for (``strict=False`` loads what fits, with a report). Several can be loaded; each call then takes
+        one ``control_image`` (and ``control_scale`` / ``control_start`` / ``control_end``) per loaded
+        ControlNet and T2I-Adapter, in load order. ``name`` defaults to the file's name. Returns the record.
+        """
+        if path == "default":
+            raise no_default_controlnet()
+        self._no_sdxl_controls("ControlNets")
+        from ..models.controlnet import load_controlnet
+
+        if not isinstance(path, (str, Path)):
+            raise InvalidInputError(f"load_controlnet takes a folder or file path, got {type(path).__name__}")
+        return self.controls.add(self, "controlnet", load_controlnet(path, self.unet, strict=strict), path, name)
+
+    def load_t2i_adapter(self, path: Union[str, Path], name: Optional[str] = None):
+        """Add a T2I-Adapter (a diffusers ``T2IAdapter`` folder); on the call it takes its control image like a
+        ControlNet (``control_image`` etc., one per loaded ControlNet and adapter, in load order)."""
+        self._no_sdxl_controls("T2I-Adapters")
+        from ..models.adapters import load_t2i_adapter
+
+        if not isinstance(path, (str, Path)):
+            raise InvalidInputError(f"load_t2i_adapter takes a folder path, got {type(path).__name__}")
+        return self.controls.add(self, "t2i_adapter", load_t2i_adapter(path, self.unet), path, name)
+
+    def _no_sdxl_controls(self, what: str) -> None:
+        """SDXL ControlNets and adapters also read the pooled embedding and time ids: not wired yet."""
+        if self.sdxl:
+            raise InvalidInputError(f"{what} work with SD 1.x / 2.x models so far; this is an SDXL model "
+                                    "(SDXL ControlNets and adapters are not supported yet)")  # fmt: skip
+
+    def unload_controlnet(self, name: Optional[str] = None) -> None:
+        """Remove one ControlNet or T2I-Adapter by name, or all of them."""
+        self.controls.remove(name)
+
+    def load_ip_adapter(self, path: Union[str, Path], image_encoder: Union[str, Path, None] = None):
+        """Install an IP-Adapter (``image_proj`` / ``ip_adapter`` weights: ``.bin`` read safely, or
+        ``.safetensors``) and the folder of its CLIP vision encoder (``CLIPVisionModelWithProjection``),
+        both local. Calls then take ``ip_image=`` (one, or one per prompt) and ``ip_scale=``; the model's
+        weight hash stays the base model's (the adapter is recorded beside it)."""
+        self._no_sdxl_controls("IP-Adapters")
+        for value, what in ((path, "path"), (image_encoder, "image_encoder")):
+            if value is not None and not isinstance(value, (str, Path)):
+                raise InvalidInputError(f"load_ip_adapter: {what} must be a path, got {type(value).__name__}")
+        return self.controls.load_ip_adapter(self, path, image_encoder)
+
+    def unload_ip_adapter(self) -> None:
+        """Remove the IP-Adapter: the U-Net's attention is what it was before."""
+        self.controls.unload_ip_adapter(self)
+
     @classmethod
     def from_preset(cls, name: str, seed: int = 0) -> "LatentDiffusion":
         """Random weights of architecture ``name`` (``tiny``, ``sd15``, ``sd21``); same seed, same weights."""
@@ -218,7 +271,7 @@ class LatentDiffusion:
         )
 
     def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None):
-        """Move (and optionally cast) the networks; returns the pipeline."""
+        """Move (and optionally cast) the networks and the loaded controls; returns the pipeline."""
         for _, module in self.networks():
             if device is not None:
                 module.to(device)
@@ -228,6 +281,7 @@ class LatentDiffusion:
                 module.to(dtype)  # diffusers keeps the listed modules in float32
             else:  # plain cast: diffusers' .to() warns about fp32-only modules even when it lists none
                 torch.nn.Module.to(module, dtype=dtype)
+        self.controls.to(device, dtype)
         return self
 
     def optimize(self, compile: bool = True, **options) -> "LatentDiffusion":
@@ -286,11 +340,12 @@ class LatentDiffusion:
         """Hash of all network weights (see ``metadata.weight_hash``).
 
         Cached until a weight is replaced, moved, cast or changed in place (training, LoRA fusing).
+        An IP-Adapter's layers inside the U-Net are not part of it (recipes record the adapter beside it).
         """
         nets = tuple(self.networks())
         key = weights_fingerprint(m for _, m in nets)
         if self._hash is None or self._hash[0] != key:
-            self._hash = (key, weight_hash(nets))
+            self._hash = (key, weight_hash(nets, skip=is_ip_adapter_key if self.controls.ip else None))
         return self._hash[1]
 
     def describe(self) -> dict[str, Any]:
@@ -307,7 +362,7 @@ class LatentDiffusion:
             if getattr(self, name) is not None:
                 parts[name] = {"class": type(getattr(self, name)).__name__, "vocab_size": len(getattr(self, name))}
         family = "SDXL refiner" if self.time_id_count == 5 else "SDXL" if self.sdxl else "SD"
-        return {
+        described = {
             "source": self.source,
             "family": family,
             "components": parts,
@@ -316,6 +371,9 @@ class LatentDiffusion:
             "scheduler": self.scheduler_config,
             "weight_hash": self.weight_hash(),
         }
+        if self.controls.items or self.controls.ip:
+            described["controls"] = self.controls.records() + ([self.controls.ip.record()] if self.controls.ip else [])
+        return described
 
     @property
     def default_size(self) -> int:
@@ -365,6 +423,12 @@ class LatentDiffusion:
         denoising_end: Optional[float] = None,
         cache_interval: Optional[int] = None,
         cache_branch: Optional[int] = None,
+        control_image: Union[ImageInput, Sequence[Any], None] = None,
+        control_scale: Union[float, Sequence[float]] = 1.0,
+        control_start: Union[float, Sequence[float]] = 0.0,
+        control_end: Union[float, Sequence[float]] = 1.0,
+        ip_image: Union[ImageInput, Sequence[ImageInput], None] = None,
+        ip_scale: float = 1.0,
     ) -> GenerationResult:
         """Text to image.
 
@@ -399,6 +463,14 @@ class LatentDiffusion:
         Resolution enhancement: with ``hires_scale`` (> 1) the images made at ``height`` x ``width``
         are upscaled by that factor (``hires_upscale`` "latent": bilinear in latent space; "pixel":
         decoded, Lanczos-resized, re-encoded) and refined by image-to-image at ``hires_strength``.
+
+        Control (after ``load_controlnet`` / ``load_t2i_adapter``; see ``control.py``): ``control_image``
+        is the control picture (a path or PIL image; a list gives one per prompt), or with several
+        controls loaded a list with one such entry per control, in load order; ``control_scale``,
+        ``control_start`` and ``control_end`` (fractions of the steps the control acts on) are one value
+        for all or a list with one per control. It combines with image-to-image, inpainting and hires
+        (the control image is resized to each pass's size). ``ip_image`` (after ``load_ip_adapter``; one,
+        or one per prompt) is an image prompt, weighted by ``ip_scale``.
 
         SDXL (the same call; the arguments below are refused by other models, as in diffusers'
         ``StableDiffusionXLPipeline``): ``prompt_2`` / ``negative_prompt_2`` go to the second text
@@ -573,7 +645,7 @@ class LatentDiffusion:
                     guidance_scale=request.guidance_scale, guidance_rescale=request.guidance_rescale, eta=request.eta,
                     generators=gens, timesteps=timesteps, inpaint=inpaint, callback=request.callback,
                     progress=request.progress, added=self._added_conditioning(request, group, size, n),
-                    timestep_cond=timestep_cond,
+                    timestep_cond=timestep_cond, control=self.controls.prepare(self, request, images, size),
                 )  # fmt: skip
             for m, z in zip(images, latents):
                 finished[m] = z

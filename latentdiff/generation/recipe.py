@@ -24,6 +24,7 @@ CALL_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
     "guidance_rescale", "scheduler", "eta", "height", "width", "clip_skip", "image", "strength",
     "hires_scale", "hires_strength", "hires_upscale", "mask_image", "cache_interval", "cache_branch",
+    "control_image", "control_scale", "control_start", "control_end", "ip_image", "ip_scale",
     # SDXL
     "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
     "negative_original_size", "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
@@ -64,6 +65,11 @@ def image_params(pipe, request) -> list[dict[str, Any]]:
     if request.hires_scale is not None:
         base.update(hires_scale=request.hires_scale, hires_strength=request.hires_strength,
                     hires_upscale=request.hires_upscale)  # fmt: skip
+    if request.control_images is not None:  # the controls by their weights, the call's values one per control
+        base.update(controls=pipe.controls.records(), control_scale=request.control_scales,
+                    control_start=request.control_starts, control_end=request.control_ends)  # fmt: skip
+    if request.ip_images is not None:
+        base.update(ip_adapter=pipe.controls.ip.record(), ip_scale=request.ip_scale)
     # SDXL: what was given (the rest follows from the size, as it did here)
     base.update({k: list(v) if isinstance(v, tuple) else v for k, v in (request.micro or {}).items() if v is not None})
     for key in ("denoising_start", "denoising_end"):
@@ -89,6 +95,16 @@ def image_params(pipe, request) -> list[dict[str, Any]]:
         if request.masks is not None:
             for p, name, mask in zip(params, request.per_image(request.mask_names), request.per_image(request.masks)):
                 p["mask_image"], p["mask_hash"] = name, image_hash(mask)
+    if request.control_images is not None:  # each image's control pictures, one per control: file and pixel hash
+        names = [request.per_image(entry) for entry in request.control_image_names]
+        pictures = [request.per_image(entry) for entry in request.control_images]
+        hashes: dict[int, str] = {}  # (a picture shared by many images is hashed once)
+        for i, p in enumerate(params):
+            p["control_image"] = [column[i] for column in names]
+            p["control_image_hash"] = [hashes.setdefault(id(column[i]), image_hash(column[i])) for column in pictures]
+    if request.ip_images is not None:
+        for p, name, picture in zip(params, request.per_image(request.ip_image_names), request.per_image(request.ip_images)):
+            p["ip_image"], p["ip_image_hash"] = name, image_hash(picture)
     return params
 
 
@@ -194,10 +210,16 @@ def call_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     """The pipeline arguments that remake the image described by ``params`` (an image's recipe)."""
     if params.get("prompt") is None:
         raise InvalidInputError("this image was made from prompt_embeds; its recipe cannot remake it")
-    for key in ("image", "mask_image"):
-        if params.get(f"{key.split('_')[0]}_hash") and not params.get(key):
+    for key, hash_key in _INPUTS:
+        names = params.get(key)
+        if params.get(hash_key) and (not names or (isinstance(names, list) and not all(names))):
             raise InvalidInputError(f"this image's {key} was given as an image object, not a file; its recipe cannot remake it")
     return {k: params[k] for k in CALL_KEYS if k in params}
+
+
+# input pictures a recipe names: (the call argument, the key of its pixel hash)
+_INPUTS = (("image", "image_hash"), ("mask_image", "mask_hash"), ("control_image", "control_image_hash"),
+           ("ip_image", "ip_image_hash"))  # fmt: skip
 
 
 def remake_differences(recipe: dict[str, Any], pipe) -> list[str]:
@@ -209,15 +231,46 @@ def remake_differences(recipe: dict[str, Any], pipe) -> list[str]:
         reasons.append(f"it was made on {recipe['device']}, this runs on {pipe.device.type}")
     if (recipe.get("batch_size") or 1) > 1:
         reasons.append(f"it was made in a batch of {recipe['batch_size']} and is remade alone (pixels may differ by 1 level)")
-    for key, hash_key in (("image", "image_hash"), ("mask_image", "mask_hash")):
-        if recipe.get(key) and Path(recipe[key]).is_file():
-            from .images import image_hash, load_image
+    for key, hash_key in _INPUTS:
+        names, hashes = recipe.get(key), recipe.get(hash_key)
+        names, hashes = (names, hashes) if isinstance(names, list) else ([names], [hashes])
+        for name, expected in zip(names, hashes if isinstance(hashes, list) else []):
+            if name and Path(name).is_file():
+                from .images import image_hash, load_image
 
-            if image_hash(load_image(recipe[key])) != recipe.get(hash_key):
-                reasons.append(f"the input {recipe[key]} has changed since")
+                if image_hash(load_image(name)) != expected:
+                    reasons.append(f"the input {name} has changed since")
     if recipe.get("scheduler") is None and recipe.get("scheduler_class") not in (None, type(pipe.scheduler).__name__):
         reasons.append(f"it used {recipe['scheduler_class']}, the model's scheduler is {type(pipe.scheduler).__name__}")
     return reasons
+
+
+def reapply_controls(pipe, recipe: dict[str, Any]) -> None:
+    """Load the ControlNets / T2I-Adapters and the IP-Adapter a recipe used, from their recorded paths; an
+    ``InvalidInputError`` saying why if one is missing or its weights have changed (the image cannot be
+    remade without it)."""
+    from ..models.hashing import file_sha256
+
+    for entry in recipe.get("controls") or []:
+        kind, path = entry.get("kind"), entry.get("path")
+        what = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter"}.get(kind)
+        if what is None or not isinstance(path, str) or not Path(path).exists():
+            raise InvalidInputError(f"the recipe used {what or 'a control'} {entry.get('name')!r} ({path}), which is "
+                                    "missing; it cannot be remade without it (pass --controlnet PATH to choose one)")  # fmt: skip
+        load = pipe.load_controlnet if kind == "controlnet" else pipe.load_t2i_adapter
+        control = load(path, name=entry.get("name"))
+        if control.weight_hash() != entry.get("weight_hash"):
+            raise InvalidInputError(f"the {what} {path} has changed since the image was made (weight hash "
+                                    f"{control.weight_hash()}, recipe {entry.get('weight_hash')}); it cannot be remade")  # fmt: skip
+    ip = recipe.get("ip_adapter")
+    if ip:
+        path, encoder = ip.get("path"), ip.get("image_encoder")
+        if not (isinstance(path, str) and Path(path).is_file() and isinstance(encoder, str) and Path(encoder).is_dir()):
+            raise InvalidInputError(f"the recipe used the IP-Adapter {path} with image encoder {encoder}; one of them is "
+                                    "missing, so it cannot be remade")  # fmt: skip
+        if file_sha256(path) != ip.get("sha256"):
+            raise InvalidInputError(f"the IP-Adapter {path} has changed since the image was made; it cannot be remade")
+        pipe.load_ip_adapter(path, image_encoder=encoder)
 
 
 def reapply_loras(pipe, recorded: list[dict[str, Any]]) -> list[str]:

@@ -77,6 +77,16 @@ class Request:
     guidance_embedding_dim: Optional[int] = None
     cache_interval: Optional[int] = None  # U-Net feature caching (feature_cache.py): a full U-Net call every N
     cache_branch: Optional[int] = None
+    # ControlNets / T2I-Adapters, one entry per loaded control (in load order): its pictures (one for all
+    # prompts, or one per prompt), their files, scale, and the fractions of the steps it acts on
+    control_images: Optional[list] = None
+    control_image_names: Optional[list] = None
+    control_scales: list = None
+    control_starts: list = None
+    control_ends: list = None
+    ip_images: Optional[list] = None  # IP-Adapter image prompts: one for all prompts, or one per prompt
+    ip_image_names: Optional[list] = None
+    ip_scale: float = 1.0
 
     @property
     def total(self) -> int:
@@ -105,7 +115,9 @@ class Request:
         before loading a model), then those that need the model's parts. The scheduler is built
         and its timesteps set once here, so that a step count it cannot run fails before any work.
         """
-        a = check_arguments(arguments, pipe.limits, factor=pipe.vae_scale_factor, default_size=pipe.default_size)
+        a = check_arguments(arguments, pipe.limits, factor=pipe.vae_scale_factor, default_size=pipe.default_size,
+                            controls=len(pipe.controls))  # fmt: skip
+        _check_control_fit(pipe, a)
         prompt_embeds, negative_prompt_embeds = arguments.get("prompt_embeds"), arguments.get("negative_prompt_embeds")
         if prompt_embeds is not None:
             _check_embeds(prompt_embeds, "prompt_embeds", pipe.conditioning_width)
@@ -168,6 +180,7 @@ class Request:
             hires_scale=hires_scale, hires_strength=a["hires_strength"], hires_upscale=a["hires_upscale"],
             output_type=a["output_type"], callback=a["callback"], progress=a["progress"],
             guidance_embedding_dim=embedding_dim, cache_interval=a["cache_interval"], cache_branch=cache_branch,
+            **{k: a[k] for k in _CONTROL_FIELDS},
         )  # fmt: skip
         if request.zero_negative:  # recorded as no negative prompt, so that a remake zeros it too
             request.negatives = [None] * len(request.prompts)
@@ -181,12 +194,13 @@ class Request:
 
 
 def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Optional[int] = None,
-                    default_size: Optional[int] = None) -> dict[str, Any]:  # fmt: skip
+                    default_size: Optional[int] = None, controls: int = 0) -> dict[str, Any]:  # fmt: skip
     """The checks of a call that need no weights: types, ranges and ``limits``, input pictures read.
 
     ``arguments`` are those of ``LatentDiffusion.__call__`` (missing ones take its defaults);
     ``factor`` (the VAE's downscale factor) and ``default_size`` (the model's native side) come
-    from the model's config and may be None when unknown, which skips the checks that need them.
+    from the model's config and may be None when unknown, which skips the checks that need them;
+    ``controls`` is the number of ControlNets and T2I-Adapters that will be loaded.
     Returns the values completed: one prompt and negative per prompt, seeds, size, loaded inputs.
     """
     defaults = _call_defaults()
@@ -313,6 +327,7 @@ def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Option
         check_scheduler(scheduler)
     seeds = expand_seeds(a["seed"], len(prompts) * n)
     progress = a["progress"]
+    control = _check_controls(a, controls, len(prompts), limits)
     sdxl = _check_sdxl(a, prompts, limits)
     if a["denoising_start"] is not None and images is None:
         raise InvalidInputError("denoising_start needs image= (the latents or picture to continue from)")
@@ -324,7 +339,7 @@ def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Option
             raise InvalidInputError("cache_branch needs cache_interval (a full U-Net call every N steps)")
         if whole_number(cache_branch) is None or cache_branch < 0:
             raise InvalidInputError(f"cache_branch must be a whole number of at least 0, got {cache_branch!r}")
-    return {
+    return {**control,
         **{k: a[k] for k in MICRO_KEYS}, "denoising_start": a["denoising_start"], "denoising_end": a["denoising_end"],
         "prompt_embeds": prompt_embeds, **sdxl,
         "prompts": prompts, "negatives": negatives, "n": n, "seeds": seeds, "steps": steps, "clip_skip": clip_skip,
@@ -334,6 +349,76 @@ def check_arguments(arguments: dict[str, Any], limits: Limits, *, factor: Option
         "eta": eta, "scheduler": scheduler, "output_type": a["output_type"], "callback": callback, "progress": progress,
         "cache_interval": cache_interval, "cache_branch": cache_branch,
     }  # fmt: skip
+
+
+_CONTROL_FIELDS = ("control_images", "control_image_names", "control_scales", "control_starts", "control_ends",
+                   "ip_images", "ip_image_names", "ip_scale")  # fmt: skip
+
+
+def _check_controls(a: dict[str, Any], count: int, num_prompts: int, limits: Limits) -> dict[str, Any]:
+    """Control pictures (one entry per loaded control: a picture, or one per prompt) and their weights;
+    the IP-Adapter's image prompt."""
+    image = a["control_image"]
+    defaults = _call_defaults()
+    weights = ("control_scale", "control_start", "control_end")
+    out: dict[str, Any] = {"control_images": None, "control_image_names": None, "control_scales": [],
+                           "control_starts": [], "control_ends": []}  # fmt: skip
+    if image is None:
+        if count:
+            raise InvalidInputError(f"{count} ControlNet{'s' if count > 1 else ''} / T2I-Adapter{'s' if count > 1 else ''} "
+                                    "loaded: give control_image= (one per control, in load order), or unload them")  # fmt: skip
+        if any(a[k] != defaults[k] for k in weights):
+            raise InvalidInputError("control_scale, control_start and control_end need control_image= (and a loaded ControlNet)")
+    else:
+        if not count:
+            raise InvalidInputError("control_image needs a ControlNet or T2I-Adapter: load one first "
+                                    "(pipe.load_controlnet(PATH), --controlnet PATH)")  # fmt: skip
+        if count == 1:
+            entries = [image]
+        elif not isinstance(image, (list, tuple)) or len(image) != count:
+            got = f"a list of {len(image)}" if isinstance(image, (list, tuple)) else "one image"
+            raise InvalidInputError(f"{count} controls are loaded: give control_image as a list with one entry per "
+                                    f"control, in load order (got {got})")  # fmt: skip
+        else:
+            entries = list(image)
+        loaded = [load_inputs(e, num_prompts, what="control_image", max_pixels=limits.input_pixels) for e in entries]
+        out["control_images"], out["control_image_names"] = [im for im, _ in loaded], [names for _, names in loaded]
+        out["control_scales"] = _per_control(a["control_scale"], "control_scale", count, 0.0, 10.0, "1 is usual")
+        out["control_starts"] = _per_control(a["control_start"], "control_start", count, 0.0, 1.0, "0 = from the first step")
+        out["control_ends"] = _per_control(a["control_end"], "control_end", count, 0.0, 1.0, "1 = to the last step")
+        for start, end in zip(out["control_starts"], out["control_ends"]):
+            if start >= end:
+                raise InvalidInputError(f"control_start ({start}) must be below control_end ({end}): the control acts "
+                                        "on the steps between them")  # fmt: skip
+    out["ip_images"], out["ip_image_names"] = load_inputs(a["ip_image"], num_prompts, what="ip_image",
+                                                          max_pixels=limits.input_pixels)  # fmt: skip
+    out["ip_scale"] = check_float(a["ip_scale"], "ip_scale", 0.0, 10.0, "1 is usual; lower mixes it with the prompt")
+    if out["ip_images"] is None and out["ip_scale"] != defaults["ip_scale"]:
+        raise InvalidInputError("ip_scale needs ip_image= (and a loaded IP-Adapter)")
+    return out
+
+
+def _per_control(value, name: str, count: int, low: float, high: float, hint: str) -> list[float]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise InvalidInputError(f"got {len(values)} {name} values for {count} controls; give one for all, or one per control")
+    return [check_float(v, name, low, high, hint) for v in values]
+
+
+def _check_control_fit(pipe, a: dict[str, Any]) -> None:
+    """What the loaded controls ask of the call: an IP image with an IP-Adapter, T2I-Adapter sizes."""
+    if a["ip_images"] is not None and pipe.controls.ip is None:
+        raise InvalidInputError("ip_image needs an IP-Adapter: load one first (pipe.load_ip_adapter(PATH, image_encoder=DIR))")
+    if a["ip_images"] is None and pipe.controls.ip is not None:
+        raise InvalidInputError("an IP-Adapter is loaded: give ip_image= (the image prompt), or pipe.unload_ip_adapter()")
+    sizes = [(a["height"], a["width"])]
+    if a["hires_scale"] is not None:
+        sizes.append(hires_size(sizes[0], a["hires_scale"], pipe.vae_scale_factor))
+    for control in pipe.controls.items:
+        multiple = getattr(control.model, "total_downscale_factor", None)
+        if control.kind == "t2i_adapter" and multiple and any(h % multiple or w % multiple for h, w in sizes):
+            raise InvalidInputError(f"T2I-Adapter {control.name!r} needs a width and height that are multiples of "
+                                    f"{multiple}; got {sizes[-1][1]}x{sizes[-1][0]}")  # fmt: skip
 
 
 def _is_tensor(value) -> bool:

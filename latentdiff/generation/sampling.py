@@ -122,6 +122,7 @@ def denoise(
     inpaint: Optional[Inpaint] = None,
     added: Optional[dict[str, torch.Tensor]] = None,
     timestep_cond: Optional[torch.Tensor] = None,
+    control: Optional[Callable[..., dict]] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps over ``latents`` (B, C, h, w) and return z_0.
 
@@ -133,6 +134,8 @@ def denoise(
     (B or 2B, 5 or 6)), unconditional rows first as in ``cond`` / ``uncond``.
     ``timestep_cond`` (B, D): the guidance embedding of an LCM-distilled U-Net (:func:`guidance_embedding`),
     which then has no unconditional pass.
+    ``control`` (a ``control.ControlStep``) gives the U-Net's extra inputs at each step: ControlNet
+    residuals, T2I-Adapter features, IP-Adapter image embeddings.
     """
     embeds = cond if uncond is None else torch.cat([uncond, cond])  # (B or 2B, L, D)
     channels = None  # 9-channel inpainting input: mask and masked-image latents, for each pass
@@ -158,9 +161,10 @@ def denoise(
         t, t_host = device_timesteps[i], host_timesteps[i]
         model_in = latents if uncond is None else torch.cat([latents, latents])
         model_in = scheduler.scale_model_input(model_in, t_host)
+        inputs = {} if control is None else control(i, len(host_timesteps), t, model_in, embeds)  # (latents only)
         if channels is not None:
             model_in = torch.cat([model_in, channels], dim=1)
-        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False, **unet_extra)[0]
+        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False, **unet_extra, **inputs)[0]
         if uncond is not None:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
 
-def weight_hash(modules: Iterable[tuple[str, torch.nn.Module]]) -> str:
+def weight_hash(modules: Iterable[tuple[str, torch.nn.Module]], skip: Optional[Callable[[str], bool]] = None) -> str:
     """SHA-256 (first 16 hex digits) over every tensor's name, dtype, shape and bytes.
 
-    Equal weights in equal dtypes give equal hashes wherever they live (CPU or GPU).
+    Equal weights in equal dtypes give equal hashes wherever they live (CPU or GPU). Tensors whose
+    ``prefix.name`` ``skip`` accepts are left out (an IP-Adapter's layers inside the U-Net).
     """
     h = hashlib.sha256()
     for prefix, module in modules:
         for name, tensor in sorted(module.state_dict().items()):
+            if skip is not None and skip(f"{prefix}.{name}"):
+                continue
             t = tensor.detach().cpu().contiguous().reshape(-1)  # reshape: 0-dim tensors cannot be viewed as bytes
             h.update(f"{prefix}.{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
             h.update(t.view(torch.uint8).numpy().tobytes())

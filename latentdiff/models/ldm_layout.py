@@ -124,6 +124,39 @@ def unet_key(key: str, config) -> str:
     raise LayoutError(key)
 
 
+# -- ControlNet ------------------------------------------------------------------------------------
+# The original ControlNet (Zhang et al. 2023, lllyasviel/ControlNet's cldm.py) is a copy of the U-Net's
+# encoder under ``control_model.``: the same ``time_embed`` / ``input_blocks`` / ``middle_block`` names,
+# plus ``input_hint_block`` (the conditioning image's encoder: convolutions at even indices, SiLUs
+# between), ``zero_convs.N.0`` (one 1x1 zero convolution per input block) and ``middle_block_out.0``.
+
+CONTROL = "control_model."
+
+
+def controlnet_key(key: str, config) -> str:
+    """diffusers ControlNetModel key -> original key (without ``control_model.``)."""
+    m = re.match(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(.+)", key)
+    if m:
+        blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)  # (conv, strided conv) per level
+        index = 0 if m.group(1) == "conv_in" else 2 * (blocks + 1) if m.group(1) == "conv_out" else 2 * (int(m.group(2)) + 1)
+        return f"input_hint_block.{index}.{m.group(3)}"
+    m = re.match(r"controlnet_down_blocks\.(\d+)\.(.+)", key)
+    if m:
+        return f"zero_convs.{m.group(1)}.0.{m.group(2)}"
+    if key.startswith("controlnet_mid_block."):
+        return "middle_block_out.0." + key[len("controlnet_mid_block.") :]
+    m = re.match(r"add_embedding\.linear_([12])\.(.+)", key)  # SDXL-class ControlNets: the size/crop embedding
+    if m:
+        return f"label_emb.0.{0 if m.group(1) == '1' else 2}.{m.group(2)}"
+    return unet_key(key, config)  # the encoder copy: the U-Net's own names
+
+
+def controlnet_rules(keys: Iterable[str], config, prefix: str = CONTROL) -> list[Rule]:
+    """Every ControlNet tensor's place in an original-layout file (``prefix`` "" for files that store the
+    ControlNet alone without ``control_model.``)."""
+    return [Rule(prefix + controlnet_key(k, config), (("controlnet", k),)) for k in keys]
+
+
 # -- VAE -------------------------------------------------------------------------------------------
 
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}

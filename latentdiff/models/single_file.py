@@ -22,7 +22,7 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -176,8 +176,16 @@ def networks(parts: dict[str, Any]) -> dict[str, Any]:
 
 
 def account(tensors: dict[str, torch.Tensor], rules: list[L.Rule], model_shapes: dict[tuple[str, str], tuple],
-            text_layers: int) -> tuple[KeyReport, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
-    """Match the file's keys to the model's tensors: (report, state dicts per part of what fits)."""
+            ignored: Union[int, Callable[[str], Optional[str]]]) -> tuple[KeyReport, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
+    """Match the file's keys to the model's tensors: (report, state dicts per part of what fits).
+
+    A file key no rule uses is counted under ``ignored(key)`` (the reason it is known and unused), or
+    reported as unexpected when that is None. An int is a full model's first text encoder's layer
+    count (the model files' own rule for what is known and unused).
+    """
+    if isinstance(ignored, int):
+        text_layers = ignored
+        ignored = lambda key: _ignored(key, text_layers)  # noqa: E731
     report = KeyReport()
     states: dict[str, dict[str, torch.Tensor]] = {part: {} for part, _ in model_shapes}
     used = set()
@@ -202,7 +210,7 @@ def account(tensors: dict[str, torch.Tensor], rules: list[L.Rule], model_shapes:
     for key in tensors:
         if key in used:
             continue
-        why = _ignored(key, text_layers)
+        why = ignored(key)
         if why is None:
             report.unexpected.append(key)
         else:
@@ -245,7 +253,8 @@ def load_single_file(path: str | Path, variant: Optional[str] = None, strict: bo
         raise InvalidInputError(f"the architecture of {path} has no original-layout form ({e})") from None
     shapes = {(part, k): tuple(v.shape) for part, m in parts.items() for k, v in m.state_dict().items()}
     first = parts.get("text_encoder", parts.get("text_encoder_2"))
-    report, states = account(tensors, rules, shapes, first.config.num_hidden_layers)
+    text_layers = first.config.num_hidden_layers
+    report, states = account(tensors, rules, shapes, lambda key: _ignored(key, text_layers))
     if "heuristic" in arch.reason:
         print(f"latentdiff: {path}: read as {arch.description} ({arch.reason}); "
               f"pass variant= / --variant if that is wrong", file=sys.stderr)  # fmt: skip
