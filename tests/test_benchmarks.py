@@ -32,3 +32,13 @@ def test_startup_import_profile_names_what_a_command_imports():
     assert "json" in profile and "fractions" in profile
     assert "json.decoder" not in profile  # nested imports count towards their top-level package
     assert all(seconds >= 0 for seconds in profile.values())
+
+
+def test_feature_cache_benchmark_compares_against_no_cache(tmp_path):
+    out = tmp_path / "cache.json"
+    load("feature_cache").main(["--model", "", "--preset", "tiny", "--intervals", "1", "2", "--steps", "3",
+                                "--runs", "1", "--json", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["results"]
+    assert set(rows) == {"no cache", "interval 1", "interval 2"}
+    assert rows["interval 1"]["psnr_vs_uncached_db"] == float("inf")  # a full call every step: the same images
+    assert rows["interval 2"]["psnr_vs_uncached_db"] < float("inf")  # cached steps change the image
