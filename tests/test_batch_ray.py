@@ -107,8 +107,10 @@ def test_worker_and_device_options_are_checked_first(tmp_path, capsys):
 def test_the_two_engines_write_the_same_images_and_manifest(cluster, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
     local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert main(["batch", str(prompts), "--out", str(local), "--batch-size", "2", *TINY]) == 1  # the bad row
-    assert main(["batch", str(prompts), "--out", str(on_ray), "--batch-size", "2", *TINY,
+    # one CPU thread in both: the local engine's default follows OMP_NUM_THREADS or the idle cores, a Ray
+    # worker's is --threads (1), and a float sum split over another number of threads rounds differently
+    assert main(["batch", str(prompts), "--out", str(local), "--batch-size", "2", *TINY, "--threads", "1"]) == 1
+    assert main(["batch", str(prompts), "--out", str(on_ray), "--batch-size", "2", *TINY, "--threads", "1",
                  "--engine", "ray", "--workers", "2"]) == 1  # fmt: skip
     files = sorted(p.name for p in local.glob("*.png"))
     assert len(files) == 7 and sorted(p.name for p in on_ray.glob("*.png")) == files
@@ -198,6 +200,6 @@ def test_another_runs_folder_is_refused(cluster, tmp_path, capsys):
     assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
     check_exactly_once(out, ["1-0.png", "1-1.png", "house-0.png", "3-0.png"])
     reference = tmp_path / "reference"  # the new image, as the local engine makes it
-    assert main(["batch", str(more), "--out", str(reference), *TINY]) == 0
+    assert main(["batch", str(more), "--out", str(reference), *TINY, "--threads", "1"]) == 0  # (as a Ray worker)
     assert (out / "3-0.png").read_bytes() == (reference / "3-0.png").read_bytes()
 
