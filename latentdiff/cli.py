@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and arithmetic precision (default float32, or the recipe's with --from-png)")  # fmt: skip
     g.add_argument("--fast", action="store_true",
-                   help="fast path: float16 on CUDA (unless --dtype), channels_last, fused QKV, torch.compile")  # fmt: skip
+                   help="fast path: float16 on CUDA (unless --dtype), channels_last, fused QKV on CUDA, torch.compile")  # fmt: skip
 
     b = sub.add_parser("batch", parents=[common],
                        help="make the images of every row of a prompts file; resumable, multi-process or on a Ray cluster")
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control image for rows without their own control_image (one per --controlnet)")  # fmt: skip
     b.add_argument("--overwrite", action="store_true", help="replace another run's images in --out")
     b.add_argument("--fast", action="store_true",
-                   help="fast path in --dtype: channels_last, fused QKV, torch.compile (add --dtype float16 on GPUs)")  # fmt: skip
+                   help="fast path in --dtype: channels_last, fused QKV on CUDA, torch.compile (add --dtype float16 on GPUs)")  # fmt: skip
     b.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this process, or accelerate launch / torchrun (default); ray: workers of a Ray "
                         "cluster, on Ray Data (pip install \"latentdiff[ray]\")")  # fmt: skip
