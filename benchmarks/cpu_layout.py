@@ -12,7 +12,6 @@ four alike. Prints times relative to "as loaded" and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import write_json  # noqa: E402
 from inference import interleaved  # noqa: E402  (the same interleaving as the end-to-end benchmark)
 
 VARIANTS = {"as loaded": (False, False), "channels_last": (True, False), "fused QKV": (False, True),
@@ -86,10 +86,7 @@ def main(argv=None) -> dict:
         for name, r in rows.items():
             print(f"  {name:28} {r['unet_cfg_step_ms']:9.1f} {r['unet_vs_as_loaded']:6.3f} "
                   f"{r['vae_decode_ms']:10.1f} {r['decode_vs_as_loaded']:6.3f} {r['max_abs_diff']:10.2e}")  # fmt: skip
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ uncached ones (PSNR over the batch; 8-bit images in [0, 1]). Prints a table and 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import write_json  # noqa: E402
 from inference import interleaved, psnr  # noqa: E402  (one interleaving and one PSNR for every benchmark)
 
 PROMPTS = ["a red circle at the top on an orange background", "a white triangle in the bottom left on a black background",
@@ -70,10 +70,7 @@ def main(argv=None) -> dict:
     print(f"  {'setting':14} {'median s':>9} {'speed-up':>9} {'PSNR vs uncached':>17}")
     for name, r in rows.items():
         print(f"  {name:14} {r['median_s']:9.3f} {r['speedup']:8.2f}x {r['psnr_vs_uncached_db']:14.1f} dB")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

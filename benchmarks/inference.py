@@ -28,7 +28,6 @@ image against diffusers' eager image for the same seed. Prints a table and write
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -38,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import write_json  # noqa: E402  (loaded by path too, from tests and the other scripts)
 
 # Dense half-precision tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
@@ -257,10 +259,7 @@ def main(argv=None) -> dict:
         "psnr_fast_vs_diffusers_eager_db": agreement,
     }
     print_table(result, args)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return result
+    return write_json(args.json, result)
 
 
 def print_table(result: dict, args) -> None:

@@ -11,7 +11,6 @@ import time, so the cost can be traced to what imports it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -19,6 +18,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import write_json  # noqa: E402
 
 
 def commands(out: str) -> dict[str, list[str]]:
@@ -79,10 +81,7 @@ def main(argv=None) -> dict:
     print("generate: top-level imports by cumulative time (python -X importtime, one run):")
     for name, seconds in profile:
         print(f"  {name:55} {seconds:6.2f} s")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":
