@@ -262,3 +262,27 @@ def test_caption_dropout_rate(tmp_path):
         dropped = sum(dataset.choices(epoch, i)[1] == "" for epoch in range(1000) for i in range(4))
         # a binomial(n, p) count stays within 5 standard deviations of n*p (fails by chance < 1e-6)
         assert abs(dropped - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1e-9, (p, dropped)
+
+
+def test_cache_shares_hold_when_one_rank_writes_before_the_other_looks(shapes, tmp_path):
+    """Two ranks fill one cache; rank 1 finishes before rank 0 even lists what is missing (ranks
+    reach the cache at different times). Every entry must still be written by someone: shares cut
+    from each rank's own list of missing entries would leave some to no rank."""
+    from latentdiff import LatentDiffusion
+    from latentdiff.data.cache import LatentCache, possible_views
+
+    pipe = LatentDiffusion.from_preset("tiny")
+    config = DataConfig(path=str(shapes), resolution=64, random_flip=True, num_workers=0)
+    source = scan(config, progress=False)
+    buckets, bucket_of = assign_buckets(source.records, config)
+    cache = LatentCache(tmp_path / "cache", vae_hash="v", text_hash="t")
+    encoders = dict(vae=pipe.vae, text_encoders=[pipe.text_encoder], tokenizers=[pipe.tokenizer])
+    for rank in (1, 0):
+        cache.fill(source, buckets, bucket_of, config, rank=rank, world=2, **encoders)
+    captions = {c for r in source.records for c in r.captions} | {""}
+    lost = [c for c in captions if not cache.text_file(c).is_file()]
+    assert not lost, lost
+    views = [(r, v) for i, r in enumerate(source.records) for v in possible_views(r, buckets[bucket_of[i]], config)]
+    assert len(views) == 16 and all(cache.latent_file(r, v).is_file() for r, v in views)
+    again = cache.fill(source, buckets, bucket_of, config, rank=0, world=1, **encoders)
+    assert (again.latents_encoded, again.texts_encoded) == (0, 0)

@@ -90,28 +90,31 @@ class LatentCache:
         world: int = 1,
         progress: bool = False,
     ) -> CacheStats:
-        """Encode every missing entry; process ``rank`` of ``world`` does every ``world``-th one.
+        """Encode every missing entry; process ``rank`` of ``world`` owns every ``world``-th entry of
+        the full list and encodes those of its own that are missing.
 
-        Caching needs every view of an image known in advance, so it takes centre crops (the only
-        random choice left is the flip, and both flips are cached).
+        The shares are cut from the full list, not from the list of missing entries: another rank
+        may already be writing when this one looks, and shares cut from two different views of the
+        cache would leave entries that no rank encodes. Caching needs every view of an image known
+        in advance, so it takes centre crops (the only random choice left is the flip, and both
+        flips are cached).
         """
         stats = CacheStats()
         if self.has_latents:
-            jobs = []
-            for index, record in enumerate(source.records):
-                for view in possible_views(record, buckets[bucket_of[index]], config):
-                    if self.latent_file(record, view).is_file():
-                        stats.latents_reused += 1
-                    else:
-                        jobs.append((record, view))
-            stats.latents_encoded = len(jobs)
-            self._encode_latents(source, jobs[rank::world], vae, progress)
+            views = [(record, view) for index, record in enumerate(source.records)
+                     for view in possible_views(record, buckets[bucket_of[index]], config)]  # fmt: skip
+            present = [self.latent_file(record, view).is_file() for record, view in views]
+            stats.latents_reused = sum(present)
+            stats.latents_encoded = len(views) - stats.latents_reused
+            mine = [job for i, job in enumerate(views) if i % world == rank and not present[i]]
+            self._encode_latents(source, mine, vae, progress)
         if self.has_text:
             captions = sorted({c for r in source.records for c in r.captions} | {""})
-            missing = [c for c in captions if not self.text_file(c).is_file()]
-            stats.texts_reused = len(captions) - len(missing)
-            stats.texts_encoded = len(missing)
-            self._encode_texts(missing[rank::world], text_encoders, tokenizers, sdxl, progress)
+            present = [self.text_file(c).is_file() for c in captions]
+            stats.texts_reused = sum(present)
+            stats.texts_encoded = len(captions) - stats.texts_reused
+            mine = [c for i, c in enumerate(captions) if i % world == rank and not present[i]]
+            self._encode_texts(mine, text_encoders, tokenizers, sdxl, progress)
         return stats
 
     @torch.no_grad()
