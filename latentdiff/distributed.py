@@ -1,5 +1,5 @@
 """Multi-process runs (``accelerate launch``, ``torchrun``): main-process-only work that cannot hang
-the other processes, and a clean tear-down.
+the other processes, and an exit that gloo cannot turn into an abort.
 
 Ranks, barriers and broadcasts come from ``torch.distributed`` (set up by Accelerate); this module
 adds only the rule that every piece of work done by the main process alone, while the others wait,
@@ -16,6 +16,10 @@ from .errors import InvalidInputError
 
 def _group():
     """(rank, world size) of the initialised process group, or None for a single process."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # (no group without it; and --help stays free of torch)
+        return None
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -53,14 +57,41 @@ def on_main(fn: Callable[..., Any], *args: Any, share: bool = False, **kwargs: A
     return box[1] if share else result
 
 
-def end_process_group(clean: bool) -> None:
-    """Tear down torch.distributed before exit: left to interpreter shutdown, gloo can abort
-    the process ("terminate called without an active exception"). After a clean run every rank
-    first meets at a barrier, so no rank tears its connections down while a peer still uses them
-    (a rank that failed skips it: its peers may never arrive)."""
+def in_group() -> bool:
+    """Whether this process is one of several in an initialised torch.distributed group."""
+    return _group() is not None
+
+
+def leave(code: int) -> None:
+    """End this process of a multi-process run with exit status ``code``, without tearing gloo down.
+
+    Left to interpreter shut-down, or to ``destroy_process_group`` while a peer is closing its own
+    connections, gloo can abort the process ("terminate called without an active exception", status
+    -6 instead of the run's own). So after a clean run (``code`` 0) every rank meets at a barrier, so
+    that no rank goes while a peer still talks to it, and then each flushes its output and log
+    handlers and ends with ``os._exit``: nothing is left for shut-down to tear down. A rank that
+    failed skips the barrier (its peers may never arrive). Files are closed by then: every write in
+    latentdiff is complete (atomic rename) before the command returns.
+
+    Returns at once, doing nothing, in a single process: callers in the same process go on.
+    """
+    if not in_group():
+        return
+    import logging
+    import os
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if clean:
+    if code == 0:
+        try:
             dist.barrier()
-        dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - a peer died after its work: this rank's is done
+            print(f"latentdiff: warning: a peer process ended early ({e})", file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
