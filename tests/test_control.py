@@ -153,7 +153,7 @@ def test_controlnet_with_hires_and_its_recipe(pipe, controlnet_dirs, tmp_path):
     assert np.abs(plain - made.images).max() > 1e-2
 
 
-def test_control_arguments_are_checked(pipe, controlnet_dirs):
+def test_control_arguments_are_checked(pipe, controlnet_dirs, tmp_path, monkeypatch):
     with pytest.raises(InvalidInputError, match="control_image needs a ControlNet"):
         pipe("x", control_image=picture(), num_inference_steps=2)
     pipe.load_controlnet(controlnet_dirs[0])
@@ -168,7 +168,8 @@ def test_control_arguments_are_checked(pipe, controlnet_dirs):
         pipe("x", control_image=[picture()] * 2, control_start=0.5, control_end=0.5, num_inference_steps=2)
     with pytest.raises(InvalidInputError, match="is loaded already"):
         pipe.load_controlnet(controlnet_dirs[0], name="cn0")
-    with pytest.raises(MissingFileError, match="no default ControlNet is shipped yet"):
+    monkeypatch.setattr("latentdiff.generation.control.DEFAULT_CONTROLNET", tmp_path / "not-shipped")
+    with pytest.raises(MissingFileError, match="no default ControlNet is shipped in this install"):
         pipe.load_controlnet("default")
 
 
@@ -250,8 +251,10 @@ def test_cli_controlnet_and_from_png(controlnet_dirs, tmp_path, capsys):
     save_png(Image.open(out).convert("RGB"), tmp_path / "edited.png", recipe)
     assert main(["generate", "--from-png", str(tmp_path / "edited.png"), "-o", str(tmp_path / "c.png")]) == 2
     assert "which is missing; it cannot be remade without it" in capsys.readouterr().err
-    assert main(["generate", "x", "--controlnet", "default", "--control-image", str(control), *common]) == 2
-    assert "no default ControlNet is shipped yet" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("latentdiff.generation.control.DEFAULT_CONTROLNET", tmp_path / "not-shipped")
+        assert main(["generate", "x", "--controlnet", "default", "--control-image", str(control), *common]) == 2
+    assert "no default ControlNet is shipped in this install" in capsys.readouterr().err
     assert main(["generate", "x", "--control-image", str(control), *common]) == 2
     assert "--control-image needs --controlnet" in capsys.readouterr().err
 

@@ -92,6 +92,40 @@ def test_shapes_seeded(tmp_path, shapes_dir):
     ).read_text()
 
 
+def test_shapes_control_images_mark_the_shape(tmp_path, shapes_dir):
+    """--control adds a conditioning image per row: the same pictures as without it (a second build
+    is the reference), and white where the picture is not background."""
+    from latentdiff.evaluate import nearest_colours
+
+    assert main(["data", "shapes", str(tmp_path / "s"), "--count", "60", "--size", "32", "--seed", "3",
+                 "--control", "silhouette"]) == 0  # fmt: skip
+    build("shapes", tmp_path / "e", count=60, size=32, seed=3, control="edges")
+    names = list(COLOURS)
+    for split in ("train", "test"):
+        plain = read_split(shapes_dir, split)
+        for row, edge_row, plain_row in zip(read_split(tmp_path / "s", split), read_split(tmp_path / "e", split), plain):
+            assert row["path"].read_bytes() == plain_row["path"].read_bytes()
+            pixels = np.asarray(Image.open(row["path"]).convert("RGB"))
+            shape = nearest_colours(pixels) != names.index(row["background"])
+            grey = np.asarray(Image.open(row["path"].parent / row["conditioning_image"]).convert("L"))
+            silhouette = grey > 127
+            assert (shape & silhouette).sum() / (shape | silhouette).sum() > 0.7, row  # (anti-aliased rims at 32 px)
+            edges = np.asarray(Image.open(edge_row["path"].parent / edge_row["conditioning_image"]).convert("L")) > 64
+            assert edges.any()
+            assert not edges[_grown(silhouette, -2)].any() and not edges[grey == 0].any()  # the outline only
+    assert "conditioning_image" in (tmp_path / "s" / "README.md").read_text()
+    with pytest.raises(Exception, match="--control must be one of silhouette, edges"):
+        build("shapes", tmp_path / "x", count=4, control="depth")
+
+
+def _grown(mask: np.ndarray, by: int) -> np.ndarray:
+    """``mask`` dilated (by > 0) or eroded (by < 0) by ``|by|`` pixels, a 3x3 step at a time."""
+    from scipy import ndimage
+
+    op = ndimage.binary_dilation if by > 0 else ndimage.binary_erosion
+    return op(mask, iterations=abs(by))
+
+
 def test_output_folder_rules(tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.mkdir()

@@ -20,6 +20,7 @@ from latentdiff.evaluate import (
     attribute_accuracy,
     evaluate,
     format_table,
+    placed_fraction,
     psnr,
     read_shape,
     reconstruction_psnr,
@@ -175,3 +176,64 @@ def test_eval_command_errors(tiny_dir, shapes_dir, tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--data", str(shapes_dir)]) == 2  # not a model folder
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 5 and all(line.startswith("latentdiff: error: ") for line in err)
+
+
+# -- with a ControlNet, and the LCM-LoRA --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def control_shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shapes-control"
+    build("shapes", out, count=8, size=64, seed=1, control="silhouette")
+    return out
+
+
+def test_placed_closed_form(control_shapes_dir):
+    """The data set's own pictures sit on their own silhouettes, and on none of another position's."""
+    rows = read_split(control_shapes_dir, "test")[:24]
+    pictures = _load(rows)
+    silhouettes = [Image.open(r["path"].parent / r["conditioning_image"]) for r in rows]
+    assert placed_fraction(pictures, silhouettes) == 1.0
+    moved = [next(s for s, o in zip(silhouettes, rows) if o["position"] != r["position"]) for r in rows]
+    assert placed_fraction(pictures, moved) == 0.0
+    blank = Image.new("RGB", pictures[0].size, COLOURS["red"])
+    assert placed_fraction([blank], silhouettes[:1]) == 0.0  # nothing drawn: not placed
+
+
+def test_eval_with_a_controlnet_scores_placement(tiny, control_shapes_dir, shapes_dir, tmp_path):
+    """A ControlNet made from the U-Net (zero convolutions: no effect, the ControlNet paper's start)
+    gives the figures of the model alone, plus the placement figure."""
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_unet(tiny.unet).save_pretrained(tmp_path / "cn")
+    settings = dict(guidance=(3.0,), steps=2, prompts=3, psnr_images=2, batch_size=2)
+    try:
+        with_control = evaluate(EvalConfig(data=[control_shapes_dir], controlnet=str(tmp_path / "cn"), **settings), pipe=tiny)
+    finally:
+        tiny.unload_controlnet()
+    alone = evaluate(EvalConfig(data=[control_shapes_dir], **settings), pipe=tiny)
+    assert "shapes placed (IoU >= 0.5) (3 held-out)" in format_table(with_control)
+    for g in ("1.0", "3.0"):
+        placed = with_control["shapes"]["accuracy"][g].pop("placed")
+        assert 0.0 <= placed <= 1.0
+        assert with_control["shapes"]["accuracy"][g] == alone["shapes"]["accuracy"][g]
+    assert with_control["model"]["controlnet"]["source"] == str(tmp_path / "cn")
+    with pytest.raises(Exception, match="has no control images"):
+        evaluate(EvalConfig(data=[shapes_dir], controlnet=str(tmp_path / "cn"), **settings), pipe=tiny)
+
+
+def test_eval_control_and_lcm_errors(tiny_dir, control_shapes_dir, tmp_path, capsys, monkeypatch):
+    emoji = tmp_path / "emoji"
+    emoji.mkdir()
+    (emoji / "dataset.json").write_text(json.dumps({"builder": "emoji"}))
+    assert main(["eval", str(tiny_dir), "--data", str(control_shapes_dir), "--data", str(emoji),
+                 "--controlnet", str(tmp_path)]) == 2  # fmt: skip
+    assert "drop the emoji data set" in capsys.readouterr().err
+    monkeypatch.setattr("latentdiff.generation.control.DEFAULT_CONTROLNET", tmp_path / "not-shipped")
+    assert main(["eval", "--data", str(control_shapes_dir), "--controlnet", "default"]) == 2
+    assert "no default ControlNet is shipped" in capsys.readouterr().err
+    monkeypatch.setattr("latentdiff.generation.pipeline.DEFAULT_LCM_LORA", tmp_path / "none.safetensors")
+    assert main(["eval", "--data", str(control_shapes_dir), "--lcm"]) == 2
+    assert "LCM-LoRA is not shipped" in capsys.readouterr().err
+    assert main(["eval", "--data", str(control_shapes_dir), "--control-scale", "-1"]) == 2
+    assert "--control-scale" in capsys.readouterr().err

@@ -269,7 +269,15 @@ def control_processor(vae_scale_factor: int, grey: bool = False):
                              do_convert_grayscale=grey)  # fmt: skip
 
 
-def no_default_controlnet() -> MissingFileError:
-    """``load_controlnet("default")`` before a default ControlNet ships: one line that says so."""
-    return MissingFileError("no default ControlNet is shipped yet (it is trained once the new default model is "
-                            "done); give a ControlNet folder or file: load_controlnet(PATH), --controlnet PATH")  # fmt: skip
+# The default model's ControlNet (trained by training/configs/controlnet-default-model.toml): the
+# shape's silhouette, white on black, says where the shape goes. load_controlnet("default"), --controlnet default
+DEFAULT_CONTROLNET = Path(__file__).parents[1] / "assets" / "default_controlnet"
+
+
+def default_controlnet() -> Path:
+    """The shipped default ControlNet's folder, or one line saying it is not there."""
+    if not (DEFAULT_CONTROLNET / "config.json").is_file():
+        raise MissingFileError("no default ControlNet is shipped in this install (assets/default_controlnet); make one "
+                               "with latentdiff train --config training/configs/controlnet-default-model.toml, or give "
+                               "a ControlNet folder or file: load_controlnet(PATH), --controlnet PATH")  # fmt: skip
+    return DEFAULT_CONTROLNET

@@ -21,7 +21,7 @@ from .prompts import CHUNK, count_chunks, encode_prompts
 from .recipe import image_params
 from .request import Request, hires_size, micro_conditioning
 from .result import GenerationResult
-from .control import Controls, is_ip_adapter_key, no_default_controlnet
+from .control import Controls, default_controlnet, is_ip_adapter_key
 from .samplers import fresh_scheduler, scheduler_from_config
 from .sampling import Conditioning, StepCallback, denoise, guidance_embedding, initial_latents, make_generators
 from .starts import end_timesteps, img2img_start, inpaint_start, known_pixels, pixel_processor
@@ -200,9 +200,10 @@ class LatentDiffusion:
         for (``strict=False`` loads what fits, with a report). Several can be loaded; each call then takes
         one ``control_image`` (and ``control_scale`` / ``control_start`` / ``control_end``) per loaded
         ControlNet and T2I-Adapter, in load order. ``name`` defaults to the file's name. Returns the record.
+        ``"default"`` is the default model's ControlNet (a shape's silhouette, white on black), named "default".
         """
         if path == "default":
-            raise no_default_controlnet()
+            path, name = default_controlnet(), name or "default"
         self._no_sdxl_controls("ControlNets")
         from ..models.controlnet import load_controlnet
 

@@ -52,6 +52,9 @@ class Example:
     image: Any  # PIL.Image, RGB
     text: str
     columns: dict[str, Any] = field(default_factory=dict)
+    # column -> a second image of the row (a ControlNet's conditioning image): saved beside the
+    # image as NNNNNN_<column>.png, and the column holds that file name
+    images: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,12 @@ def write_dataset(
                 for n, ex in enumerate(examples, 1):
                     name = f"{n - 1:06d}.png"
                     ex.image.save(folder / name, optimize=False)
-                    meta.write(
-                        json.dumps({"file_name": name, "text": ex.text, **ex.columns}, ensure_ascii=False) + "\n"
-                    )
+                    extra = {}
+                    for column, image in ex.images.items():
+                        extra[column] = f"{n - 1:06d}_{column}.png"
+                        image.save(folder / extra[column], optimize=False)
+                    row = {"file_name": name, "text": ex.text, **ex.columns, **extra}
+                    meta.write(json.dumps(row, ensure_ascii=False) + "\n")
             if n == 0:
                 raise InvalidInputError(f"the {card.builder} builder produced no {split} images; check its options")
             counts[split] = n
