@@ -148,6 +148,26 @@ def test_resume_makes_only_what_is_missing(prompts, tmp_path):
     assert sorted(r["file"] for r in manifest(out)) == sorted(p.name for p in out.glob("*.png"))
 
 
+def test_a_resume_with_another_cpu_thread_count_says_so(prompts, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    try:
+        assert batch(prompts, "--out", out, "--threads", "1") == 0
+        assert json.loads((out / "run.json").read_text())["cpu_threads"] == 1
+        capsys.readouterr()
+        (out / "4-1.png").unlink()
+        assert batch(prompts, "--out", out, "--threads", "2") == 0  # the same run: carries on, with a warning
+        assert capsys.readouterr().err.count("was started with 1 CPU threads and goes on with 2") == 1
+        assert (out / "4-1.png").is_file() and json.loads((out / "run.json").read_text())["cpu_threads"] == 1
+        (out / "4-1.png").unlink()
+        assert batch(prompts, "--out", out, "--threads", "1") == 0
+        assert "CPU threads" not in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_another_runs_folder_is_refused_unless_overwrite(prompts, tmp_path, capsys):
     out = tmp_path / "out"
     assert batch(prompts, "--out", out) == 0

@@ -58,6 +58,15 @@ def prepare_folder(out, items: list[Item], run_info: dict, default_size: int, ov
     for item, recipe in unlisted:
         restored.add(manifest_line(item, recipe, None))
     restored.flush()
+    previous = _read_run_file(out) if not foreign else None
+    threads = (previous or {}).get("cpu_threads"), run_info.get("cpu_threads")
+    if None not in threads and threads[0] != threads[1]:  # run.json keeps the count the run started with
+        import warnings
+
+        warnings.warn(f"{out} was started with {threads[0]} CPU threads and goes on with {threads[1]}: the images "
+                      f"made from here on may differ in the last bits from a run with {threads[0]} "
+                      f"(pass --threads {threads[0]} to match)", stacklevel=2)  # fmt: skip
+        run_info = {**run_info, "cpu_threads": threads[0]}
     out.write(RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True).encode())
 
 

@@ -131,6 +131,10 @@ def base_run_info(config: BatchConfig, device_type: str) -> dict:
         run_info["loras"] = _lora_records(config.loras)
     if config.controlnets:
         run_info["controlnets"] = _controlnet_records(config.controlnets)
+    if device_type == "cpu":  # CPU sums split over another thread count round differently (not bit for bit)
+        import torch
+
+        run_info["cpu_threads"] = torch.get_num_threads()
     return run_info
 
 
