@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -42,3 +44,15 @@ def test_feature_cache_benchmark_compares_against_no_cache(tmp_path):
     assert set(rows) == {"no cache", "interval 1", "interval 2"}
     assert rows["interval 1"]["psnr_vs_uncached_db"] == float("inf")  # a full call every step: the same images
     assert rows["interval 2"]["psnr_vs_uncached_db"] < float("inf")  # cached steps change the image
+
+
+def test_feature_cache_benchmark_runs_the_deepcache_package_beside_ours(tmp_path):
+    pytest.importorskip("DeepCache", reason="the comparison needs: pip install DeepCache")
+    out = tmp_path / "cache.json"
+    load("feature_cache").main(["--model", "", "--preset", "tiny", "--intervals", "2", "--steps", "3", "--runs", "1",
+                                "--deepcache", "--json", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["results"]
+    assert set(rows) == {"no cache", "interval 2", "diffusers no cache", "deepcache interval 2"}
+    # diffusers' pipeline uncached makes latentdiff's images (the same weights, seeds and sampler)
+    assert rows["diffusers no cache"]["psnr_vs_latentdiff_uncached_db"] > 60
+    assert rows["deepcache interval 2"]["psnr_vs_uncached_db"] < float("inf")
