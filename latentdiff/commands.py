@@ -256,7 +256,8 @@ def train(args) -> int:
         raise
     end_process_group(clean=True)
     if result.main_process:
-        print(f"done: {result.steps} steps; result in {result.lora_file or result.model_dir or result.output_dir}")
+        where = result.lora_file or result.controlnet_dir or result.model_dir or result.output_dir
+        print(f"done: {result.steps} steps; result in {where}")
     return 0
 
 
