@@ -244,7 +244,8 @@ def train(args) -> int:
         set_threads(args.threads, "")  # other commands, so that a resumed run keeps its thread count
     result = run(TrainConfig.load(args.config, args.set))
     if result.main_process:
-        print(f"done: {result.steps} steps; result in {result.lora_file or result.model_dir or result.output_dir}")
+        where = result.lora_file or result.controlnet_dir or result.model_dir or result.output_dir
+        print(f"done: {result.steps} steps; result in {where}")
     return 0
 
 

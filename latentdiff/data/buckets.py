@@ -84,12 +84,16 @@ def micro_conditioning(size: tuple[int, int], view: View, count: int) -> list[fl
     return values + ([float(bottom - top), float(right - left)] if count == 6 else [6.0])
 
 
-def render_view(image: Image.Image, view: View) -> torch.Tensor:
-    """The crop as a (3, H, W) tensor in [-1, 1]."""
+def render_view(image: Image.Image, view: View, unit: bool = False) -> torch.Tensor:
+    """The crop as a (3, H, W) tensor in [-1, 1] (the VAE's input), or with ``unit`` in [0, 1] (a ControlNet's
+    conditioning image, as diffusers' ControlNet pipelines give it). An image of another size than the one
+    ``view`` was chosen for (a conditioning image at another resolution) is resized to the same ``view.resize``,
+    so the crop box and flip cut the same part of the picture."""
     image = image.resize(view.resize, Image.Resampling.BICUBIC, reducing_gap=3.0).crop(view.box)
     if view.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    array = np.asarray(image, dtype=np.float32)  # (H, W, 3)
+    array = array / 255.0 if unit else array / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

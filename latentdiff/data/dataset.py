@@ -15,7 +15,7 @@ class TrainDataset(torch.utils.data.Dataset):
     """Serves one sample for an ``(epoch, index)`` key: pixels (or cached latents) and a caption (or its embedding)."""
 
     def __init__(self, source: Source, buckets, bucket_of, config: DataConfig, seed: int, tokenizer=None, cache=None,
-                 tokenizer_2=None, time_ids: Optional[int] = None):  # fmt: skip
+                 tokenizer_2=None, time_ids: Optional[int] = None, conditioning: bool = False):  # fmt: skip
         self.source = source
         self.buckets = buckets
         self.bucket_of = bucket_of
@@ -24,6 +24,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.tokenizers = {"input_ids": tokenizer, "input_ids_2": tokenizer_2}  # SDXL: two (the refiner: the second)
         self.cache = cache  # a LatentCache with every entry present, or None
         self.time_ids = time_ids  # SDXL: how many micro-conditioning values its U-Net reads (6, or 5); else None
+        self.conditioning = conditioning  # ControlNet training: serve each record's conditioning image too
 
     def __len__(self) -> int:
         return len(self.source.records)
@@ -46,6 +47,9 @@ class TrainDataset(torch.utils.data.Dataset):
             item["pixels"] = render_view(self.source.image(record), view)  # (3, H, W)
             if self.time_ids:
                 item["time_ids"] = torch.tensor(micro_conditioning(record.size, view, self.time_ids))  # (6,) or (5,)
+        if self.conditioning:  # the same crop and flip as the image; rendered from the source, never cached stale
+            conditioning = self.source.conditioning_image(record)
+            item["conditioning_pixels"] = render_view(conditioning, view, unit=True)  # (3, H, W) in [0, 1]
         if self.cache is not None and self.cache.has_text:
             item.update(self.cache.load_text(caption))  # text_embeds (77, D); SDXL: pooled (D',)
         else:

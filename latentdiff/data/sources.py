@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -55,18 +56,22 @@ class Record:
     path: Optional[str] = None  # file on disk, or
     row: Optional[int] = None  # row of table ``Source.tables[table]``
     table: int = 0
+    # ControlNet training: the conditioning image's file (an imagefolder's path column), or None where it is
+    # an image cell of the same table row (read from there) or where the run has no conditioning column
+    conditioning: str | None = None
 
 
 @dataclass
 class Source:
     records: list[Record]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
-    tables: list[tuple[Any, str]] = field(default_factory=list)  # (datasets.Dataset, its undecoded image column)
+    # (datasets.Dataset, its undecoded image column, its undecoded conditioning column or None)
+    tables: list[tuple[Any, str, str | None]] = field(default_factory=list)
 
     def image_bytes(self, record: Record) -> bytes:
         if record.path is not None:
             return Path(record.path).read_bytes()
-        table, column = self.tables[record.table]
+        table, column, _ = self.tables[record.table]
         return _cell_bytes(table[record.row][column])
 
     def image(self, record: Record) -> Image.Image:
@@ -74,6 +79,18 @@ class Source:
             return decode_image(self.image_bytes(record))
         except Exception as e:  # noqa: BLE001 - checked at scan time, so the file changed under us
             raise InvalidInputError(f"training image {record.key} can no longer be read ({e}); restart the run") from None
+
+    def conditioning_image(self, record: Record) -> Image.Image:
+        """The ControlNet conditioning image of ``record`` (scanned with a conditioning column), read afresh:
+        an edited file is what the next sample sees."""
+        try:
+            if record.conditioning is not None:
+                return decode_image(Path(record.conditioning).read_bytes())
+            table, _, column = self.tables[record.table]
+            return decode_image(_cell_bytes(table[record.row][column]))
+        except Exception as e:  # noqa: BLE001 - checked at scan time, so the file changed under us
+            raise InvalidInputError(f"the conditioning image of {record.key} can no longer be read ({e}); "
+                                    "restart the run") from None  # fmt: skip
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -91,8 +108,12 @@ def decode_image(data: bytes) -> Image.Image:
 # Finding the data
 
 
-def scan(config: DataConfig, progress: bool = True) -> Source:
-    """Open the data at ``config.path`` and decode every image once; unreadable ones are skipped and listed."""
+def scan(config: DataConfig, progress: bool = True, conditioning: str | None = None) -> Source:
+    """Open the data at ``config.path`` and decode every image once; unreadable ones are skipped and listed.
+
+    ``conditioning``: the column of each row's ControlNet conditioning image (a path relative to an
+    imagefolder, like ``file_name``, or an image column of a table); a row whose conditioning image is
+    missing, unreadable or of another aspect ratio than its image is skipped too."""
     paths = config.path if isinstance(config.path, list) else [config.path]
     if not paths or not all(paths):
         raise InvalidInputError("data.path is empty: point it at a folder of captioned images or a dataset on disk")
@@ -101,7 +122,7 @@ def scan(config: DataConfig, progress: bool = True) -> Source:
         raise InvalidInputError(f"data.repeats needs one whole number >= 1 per data.path entry ({len(paths)}), got {repeats}")
     merged = Source([])
     for path, times in zip(paths, repeats):
-        part = _scan_one(path, config, progress)
+        part = _scan_one(path, config, progress, conditioning)
         for record in part.records:
             record.table += len(merged.tables)
         merged.records += part.records * times  # the same Record objects: one decode, one cache entry
@@ -110,15 +131,21 @@ def scan(config: DataConfig, progress: bool = True) -> Source:
     return merged
 
 
-def _scan_one(path: str, config: DataConfig, progress: bool) -> Source:
+def _scan_one(path: str, config: DataConfig, progress: bool, conditioning: str | None) -> Source:
     root = Path(path).expanduser()
     if not root.exists():
         raise MissingFileError(f"training data {root} does not exist (data.path)")
     if _is_built_data_set(root):  # the folder `latentdiff data` wrote: train on its train/ split
         root = root / "train"
-    table = _open_table(root, config)
+    table = _open_table(root, config, conditioning)
     if table is not None:
-        return _scan_table(table, config, progress, str(root))
+        return _scan_table(table, config, progress, str(root), conditioning)
+    if conditioning:
+        raise InvalidInputError(
+            f"{root} holds images with .txt captions, which have no {conditioning!r} column "
+            "(controlnet.conditioning_column): write a metadata.jsonl with file_name, text and "
+            f"{conditioning} (the conditioning image's path) for each image"
+        )
     return _scan_caption_files(root, config, progress)
 
 
@@ -129,7 +156,7 @@ def _is_built_data_set(root: Path) -> bool:
             and (root / "train" / "metadata.jsonl").is_file())  # fmt: skip
 
 
-def _open_table(root: Path, config: DataConfig):
+def _open_table(root: Path, config: DataConfig, conditioning: str | None = None):
     """A ``datasets.Dataset`` for every layout except loose images with .txt captions (None then)."""
     import datasets
 
@@ -140,7 +167,7 @@ def _open_table(root: Path, config: DataConfig):
             if kind is None:
                 raise InvalidInputError(f"{root}: data.path must be a folder, or a {', '.join(TABLE_SUFFIXES)} file")
             if kind in ("json", "csv"):
-                return _metadata_table(root, root.parent)
+                return _metadata_table(root, root.parent, conditioning)
             return datasets.load_dataset(kind, data_files=str(root), split="train")
         if (root / "dataset_info.json").is_file() or (root / "state.json").is_file():
             loaded = datasets.load_from_disk(str(root))
@@ -151,7 +178,7 @@ def _open_table(root: Path, config: DataConfig):
             return loaded
         for name in ("metadata.jsonl", "metadata.csv"):
             if (root / name).is_file():
-                return _metadata_table(root / name, root)
+                return _metadata_table(root / name, root, conditioning)
     except (datasets.exceptions.DatasetGenerationError, FileNotFoundError, ValueError) as e:
         if isinstance(e, InvalidInputError):
             raise
@@ -159,8 +186,9 @@ def _open_table(root: Path, config: DataConfig):
     return None
 
 
-def _metadata_table(meta: Path, root: Path):
-    """The imagefolder layout: ``metadata.jsonl`` / ``.csv`` rows with ``file_name`` plus caption columns.
+def _metadata_table(meta: Path, root: Path, conditioning: str | None = None):
+    """The imagefolder layout: ``metadata.jsonl`` / ``.csv`` rows with ``file_name`` plus caption columns
+    (and a ``conditioning`` column of paths relative to the folder, like ``file_name``).
 
     Read here rather than through ``load_dataset("imagefolder")`` so a missing or corrupt file is one
     skipped row instead of a failed build, and nothing is copied into the datasets cache.
@@ -185,6 +213,10 @@ def _metadata_table(meta: Path, root: Path):
         if "file_name" not in row:
             raise InvalidInputError(f"{meta}: every row needs a file_name column (got {sorted(row)})")
         row["__path__"] = str(root / row.pop("file_name"))
+    if conditioning and any(conditioning in row for row in rows):
+        for row in rows:  # (every row gets the column: from_list keeps only the first row's columns)
+            value = row.get(conditioning)
+            row[conditioning] = str(root / value) if isinstance(value, str) and value.strip() else None
     return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"__path__": []})
 
 
@@ -201,7 +233,7 @@ def _cell_bytes(cell) -> bytes:
     raise ValueError(f"no image data in {type(cell).__name__}")
 
 
-def _scan_table(table, config: DataConfig, progress: bool, name: str) -> Source:
+def _scan_table(table, config: DataConfig, progress: bool, name: str, conditioning: str | None = None) -> Source:
     import datasets
 
     image_col = "__path__" if "__path__" in table.column_names else config.image_column
@@ -211,8 +243,15 @@ def _scan_table(table, config: DataConfig, progress: bool, name: str) -> Source:
                 f"the dataset has no column {column!r} (columns: {', '.join(table.column_names)}); "
                 "set data.image_column / data.caption_column"
             )
-    if isinstance(table.features[image_col], datasets.Image):
-        table = table.cast_column(image_col, datasets.Image(decode=False))
+    if conditioning and conditioning not in table.column_names:
+        columns = ", ".join(c if c != "__path__" else "file_name" for c in table.column_names)
+        raise InvalidInputError(
+            f"{name} has no conditioning image column {conditioning!r} (columns: {columns}); "
+            "set controlnet.conditioning_column"
+        )
+    for column in (image_col, conditioning):
+        if column and isinstance(table.features[column], datasets.Image):
+            table = table.cast_column(column, datasets.Image(decode=False))
     records, skipped = [], []
     limit = config.max_samples or len(table)
     for i in _progress(range(min(limit, len(table))), progress, "checking images"):
@@ -228,8 +267,30 @@ def _scan_table(table, config: DataConfig, progress: bool, name: str) -> Source:
         except Exception as e:  # noqa: BLE001 - any image that cannot be read safely is skipped and counted
             skipped.append((key, _unreadable(e)))
             continue
-        records.append(Record(key, size, captions, _digest(data), row=i))
-    return Source(records, skipped, [(table, image_col)])
+        record = Record(key, size, captions, _digest(data), row=i)
+        if conditioning:
+            problem = _check_conditioning(row[conditioning], size, conditioning)
+            if problem:
+                skipped.append((key, problem))
+                continue
+            record.conditioning = row[conditioning] if isinstance(row[conditioning], str) else None
+        records.append(record)
+    return Source(records, skipped, [(table, image_col, conditioning or None)])
+
+
+def _check_conditioning(cell, size: tuple[int, int], column: str) -> str | None:
+    """Why the conditioning image in ``cell`` cannot serve an image of ``size``, or None if it can. It takes
+    the image's resize and crop, so it must have the image's aspect ratio (any resolution)."""
+    if cell is None or (isinstance(cell, dict) and not (cell.get("bytes") or cell.get("path"))):
+        return f"no conditioning image (column {column!r} is empty)"
+    try:
+        width, height = decode_image(_cell_bytes(cell)).size
+    except Exception as e:  # noqa: BLE001 - any image that cannot be read safely is skipped and counted
+        return f"conditioning image: {_unreadable(e)}"
+    if abs(math.log((width / height) / (size[0] / size[1]))) > 0.02:
+        return (f"conditioning image is {width}x{height}, the image {size[0]}x{size[1]}: it must have the image's "
+                "aspect ratio (it takes the same resize, crop and flip)")  # fmt: skip
+    return None
 
 
 def _scan_caption_files(root: Path, config: DataConfig, progress: bool) -> Source:

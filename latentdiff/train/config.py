@@ -103,6 +103,8 @@ class ValidationConfig:
     steps: int = 25
     guidance: float = 7.5
     scheduler: str = "ddim"
+    # [controlnet] runs: one conditioning image (a file) per prompt, given to the ControlNet being trained
+    control_images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +136,21 @@ class DistillConfig:
 
 
 @dataclass
+class ControlNetTrainConfig:
+    """ControlNet training (Zhang et al. 2023, see ``controlnet.py``): a ControlNet learns to steer the frozen
+    model (``model.path``, or a preset) from a conditioning image per training image. Only the ControlNet
+    trains: the U-Net, VAE and text encoders stay as they are (``model.train_unet`` is not read)."""
+
+    enabled: bool = False
+    # a diffusers ControlNetModel folder (or single file) to continue from; "" = a new one from the U-Net's
+    # encoder with zero convolutions at zero (diffusers' ControlNetModel.from_unet), so it starts as a no-op
+    path: str = ""
+    # the data's column of conditioning images: in an imagefolder's metadata.jsonl / .csv a path relative to
+    # the folder (like file_name); in a datasets folder or a table file an image column
+    conditioning_column: str = "conditioning_image"
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -145,6 +162,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     vae: VaeStageConfig = field(default_factory=VaeStageConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
 
     @classmethod
     def load(cls, path=None, overrides=()) -> "TrainConfig":
@@ -177,7 +195,7 @@ def check_config(config: TrainConfig) -> None:
     need(data.max_aspect >= 1.0, f"data.max_aspect must be at least 1, got {data.max_aspect}")
     need(not (data.cache and not data.center_crop),
          "data.cache needs data.center_crop = true (a random crop cannot be cached ahead); turn one of them off")  # fmt: skip
-    need(config.model.train_unet or config.model.train_text_encoder or config.lora.enabled,
+    need(config.model.train_unet or config.model.train_text_encoder or config.lora.enabled or config.controlnet.enabled,
          "nothing to train: set model.train_unet or model.train_text_encoder, or lora.enabled")  # fmt: skip
     need(config.checkpoint.keep >= 1, "checkpoint.keep must be at least 1")
     # ranges that torch or diffusers would otherwise refuse with a traceback, or take without a word
@@ -214,8 +232,12 @@ def check_config(config: TrainConfig) -> None:
          f"vae.batch_size and vae.lr must be positive, got {config.vae.batch_size} and {config.vae.lr}")  # fmt: skip
     need(0 <= config.vae.decay_steps <= config.vae.steps,
          f"vae.decay_steps must be from 0 to vae.steps ({config.vae.steps}), got {config.vae.decay_steps}")  # fmt: skip
+    if config.controlnet.enabled:  # (first: it names every section it cannot be combined with)
+        _check_controlnet(config, need)
     if config.distill.enabled:
         _check_distill(config, need)
+    need(not (val.control_images and not config.controlnet.enabled),
+         "validation.control_images are for ControlNet runs (controlnet.enabled = true)")  # fmt: skip
 
 
 def _check_distill(config: TrainConfig, need) -> None:
@@ -232,3 +254,25 @@ def _check_distill(config: TrainConfig, need) -> None:
     need(d.huber_c > 0, f"distill.huber_c must be positive, got {d.huber_c}; 0.001 is usual")
     need(not (config.validation.prompts and config.validation.scheduler != "lcm"),
          "a distilled model samples with the lcm sampler: set validation.scheduler = \"lcm\" (and steps 1-8)")  # fmt: skip
+
+
+def _check_controlnet(config: TrainConfig, need) -> None:
+    from pathlib import Path
+
+    c, val = config.controlnet, config.validation
+    others = [key for key, on in (("lora.enabled", config.lora.enabled), ("distill.enabled", config.distill.enabled),
+                                  ("model.train_text_encoder", config.model.train_text_encoder),
+                                  ("vae.steps", config.vae.steps > 0)) if on]  # fmt: skip
+    need(not others,
+         f"ControlNet training trains the ControlNet alone, with the model frozen; turn off {', '.join(others)}")  # fmt: skip
+    need(bool(c.conditioning_column), "controlnet.conditioning_column must name the data's conditioning image column")
+    if not config.model.path:
+        from ..models.architectures import get_preset, is_sdxl
+
+        need(not is_sdxl(get_preset(config.model.preset).unet),
+             f"ControlNet training works with SD 1.x / 2.x models so far; model.preset {config.model.preset!r} is SDXL")  # fmt: skip
+    need(len(val.control_images) == len(val.prompts),
+         f"a ControlNet run's validation needs one validation.control_images entry per validation prompt: "
+         f"{len(val.prompts)} prompt(s), {len(val.control_images)} control image(s)")  # fmt: skip
+    for image in val.control_images:
+        need(Path(image).expanduser().is_file(), f"validation.control_images: {image} is not a file")

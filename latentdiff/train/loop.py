@@ -1,4 +1,5 @@
-"""The training run: full U-Net fine-tuning, LoRA, or training from scratch, under Accelerate.
+"""The training run: full U-Net fine-tuning, LoRA, training from scratch, LCM distillation or a ControlNet,
+under Accelerate.
 
 ``train(config)`` is all a script needs: ``training/train.py`` and ``latentdiff train`` read a TOML
 file into :class:`~latentdiff.train.config.TrainConfig` and call it. The same code runs on one CPU,
@@ -33,6 +34,10 @@ def train(config: TrainConfig) -> TrainResult:
     check_config(config)
     session = start(config)
     pipe = load_model(config)
+    if config.controlnet.enabled:
+        from .controlnet import check_base
+
+        check_base(pipe)
     noise_scheduler = noise_scheduler_for(config.objective, pipe.scheduler_config)
     data = load_data(session, pipe)
     if config.vae.steps > 0 and not config.model.vae_path:
@@ -133,7 +138,13 @@ def batch_loss(run: Run, batch: dict[str, torch.Tensor], micro: int) -> torch.Te
     if pooled is not None:  # SDXL: the pooled text embedding and each sample's micro-conditioning
         extra["added_cond_kwargs"] = {"text_embeds": pooled.to(device, noisy.dtype),
                                       "time_ids": batch["time_ids"].to(device, noisy.dtype)}  # fmt: skip
-    pred = run.unet(noisy, timesteps, cond.to(noisy.dtype), **extra).sample
+    if run.controlnet is not None:  # the frozen U-Net steered by the ControlNet being trained (controlnet.py)
+        from .controlnet import controlled_prediction
+
+        control = batch["conditioning_pixels"].to(device, non_blocking=True)  # (B, 3, H, W) in [0, 1]
+        pred = controlled_prediction(run.controlnet, run.unet, noisy, timesteps, cond.to(noisy.dtype), control, extra)
+    else:
+        pred = run.unet(noisy, timesteps, cond.to(noisy.dtype), **extra).sample
     return diffusion_loss(pred, latents, noise, timesteps, run.noise_scheduler, config.objective.snr_gamma).mean()
 
 

@@ -1,5 +1,5 @@
-"""What a training run writes besides its checkpoints: validation grids, the final model folder
-or LoRA file, and the model card.
+"""What a training run writes besides its checkpoints: validation grids, the final model folder,
+LoRA file or ControlNet folder, and the model card.
 
 The main process writes; the others wait for it through ``distributed.on_main``, so a failed
 write (a full disk) ends every process with an error instead of a hang.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import on_main
-from ..fileio import atomic_write
+from ..fileio import atomic_dir, atomic_write
 from ..generation.images import grid
 from ..tomlconfig import to_toml
 from .config import TrainConfig
@@ -24,7 +24,8 @@ from .setup import Run, TrainResult
 
 
 def inference_pipe(run: Run):
-    """A pipeline over the modules being trained (no copies), with the trained noise schedule."""
+    """A pipeline over the modules being trained (no copies), with the trained noise schedule; in a ControlNet
+    run, with the ControlNet being trained loaded (as it is: its precision is the training's)."""
     from ..generation.pipeline import LatentDiffusion
 
     acc, pipe = run.session.accelerator, run.pipe
@@ -33,7 +34,7 @@ def inference_pipe(run: Run):
         from .distill import lcm_scheduler_config
 
         scheduler_config = lcm_scheduler_config(pipe.scheduler_config, run.noise_scheduler)
-    return LatentDiffusion(
+    pipe = LatentDiffusion(
         unet=acc.unwrap_model(run.unet),
         vae=pipe.vae,
         text_encoder=None if run.text_encoder is None else acc.unwrap_model(run.text_encoder),
@@ -44,6 +45,16 @@ def inference_pipe(run: Run):
         scheduler_config=scheduler_config,
         source={"training": str(run.session.out)},
     )
+    if run.controlnet is not None:
+        from ..generation.control import Control
+
+        net = acc.unwrap_model(run.controlnet)
+        if next(net.parameters()).dtype != pipe.dtype:  # mixed precision: a float32 ControlNet, a half-precision U-Net
+            from .controlnet import InDtype
+
+            net = InDtype(net, pipe.dtype)
+        pipe.controls.items.append(Control("controlnet", "controlnet", net, None))
+    return pipe
 
 
 def validate(run: Run, step: int) -> None:
@@ -72,9 +83,12 @@ def validate(run: Run, step: int) -> None:
         with torch.no_grad(), session.accelerator.autocast():
             for i in mine:
                 prompt, seed = jobs[i]
+                control = {}
+                if run.controlnet is not None:  # the prompt's conditioning image
+                    control["control_image"] = val.control_images[i // len(val.seeds)]
                 image = pipe(prompt, seed=seed, num_inference_steps=val.steps, guidance_scale=val.guidance,
                              scheduler=val.scheduler, height=size, width=size, output_type="np",
-                             progress=False).images[0]  # fmt: skip
+                             progress=False, **control).images[0]  # fmt: skip
                 made.append((i, (image * 255).round().astype("uint8")))
     finally:
         for module in run.modules:
@@ -112,7 +126,7 @@ def _write_grid(run: Run, images: list, step: int) -> None:
 
 
 def save_outputs(run: Run, step: int) -> None:
-    """The final model folder (or LoRA file) with a model card; main process only writes."""
+    """The final model folder (or LoRA file, or ControlNet folder) with a model card; main process only writes."""
     session, acc = run.session, run.session.accelerator
     acc.wait_for_everyone()
     if run.ema is not None:
@@ -121,8 +135,10 @@ def save_outputs(run: Run, step: int) -> None:
     session.result.steps = step
     on_main(_write_final, run, step, full)
     lora = session.config.lora.enabled  # every rank reports the same places
-    session.result.model_dir = None if lora else session.out / "model"
+    controlnet = run.controlnet is not None
+    session.result.model_dir = None if lora or controlnet else session.out / "model"
     session.result.lora_file = session.out / "lora.safetensors" if lora else None
+    session.result.controlnet_dir = session.out / "controlnet" if controlnet else None
 
 
 def _write_final(run: Run, step: int, full) -> None:
@@ -132,7 +148,17 @@ def _write_final(run: Run, step: int, full) -> None:
         pipe.unet, pipe.text_encoder, pipe.text_encoder_2 = (
             None if m is None else _gathered(acc, m, full, run.modules) for m in (run.unet, run.text_encoder, run.text_encoder_2))
     card = model_card(config, session.result, run.steps.seconds(), len(run.data.source.records), session.world)
-    if config.lora.enabled:
+    if run.controlnet is not None:
+        net = acc.unwrap_model(run.controlnet) if full is None else _gathered(acc, run.controlnet, full, run.modules)
+        folder = session.out / "controlnet"
+        with atomic_dir(folder) as tmp:  # complete or absent: diffusers' ControlNetModel folder, our card beside it
+            net.save_pretrained(tmp, safe_serialization=True)
+            if plot_training_log(session.out / "log.jsonl", tmp / "loss.png"):
+                card += "\n## Loss\n\n![training loss](loss.png)\n"
+            with atomic_write(tmp / "README.md", "w") as f:
+                f.write(card)
+        print(f"ControlNet written to {folder}")
+    elif config.lora.enabled:
         from peft.utils import get_peft_model_state_dict
 
         from ..models.lora import save_lora
@@ -210,9 +236,15 @@ def model_card(config: TrainConfig, result: TrainResult, seconds: float, images:
     kind = "LoRA adapter" if config.lora.enabled else ("fine-tuned" if config.model.path else "trained from scratch")
     if config.distill.enabled:  # Luo et al. 2023: sample with the lcm sampler, 1-8 steps
         kind = "LCM-LoRA" if config.lora.enabled else "LCM-distilled"
+    if config.controlnet.enabled:
+        kind = "ControlNet"
     base = config.model.path or f"random weights of preset '{config.model.preset}' (seed {config.model.init_seed})"
     rows = [
         ("base", base),
+        *([("ControlNet", (f"started from {config.controlnet.path or 'the base U-Net (ControlNetModel.from_unet)'}; "
+                           f"conditioning images from column '{config.controlnet.conditioning_column}'; "
+                           "load with pipe.load_controlnet(this folder) or diffusers' ControlNetModel.from_pretrained"))]
+          if config.controlnet.enabled else []),
         ("data", f"{config.data.path}: {images} images used, {len(result.skipped)} skipped"),
         ("steps", f"{result.steps} optimizer steps, global batch {config.train.batch_size * processes * config.train.gradient_accumulation}"),
         ("training time", f"{seconds / 60:.1f} min (all sessions of the run)" + _stage_times(result, seconds)),

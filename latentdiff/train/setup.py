@@ -42,6 +42,7 @@ class TrainResult:
     output_dir: Path
     model_dir: Optional[Path] = None  # the final diffusers folder (full fine-tune / from scratch)
     lora_file: Optional[Path] = None  # the LoRA file (LoRA runs)
+    controlnet_dir: Path | None = None  # the ControlNetModel folder (ControlNet runs)
     steps: int = 0
     losses: list[float] = field(default_factory=list)  # mean loss of each log interval, this session
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -230,6 +231,7 @@ class Run:
     steps: Steps  # where the stage stands (from the checkpoint on a resume), and its wall time
     text_encoder_2: Any = None  # SDXL's second text encoder, as text_encoder
     distill: Any = None  # distill.Distiller: teacher, target network and loss of a distillation run, or None
+    controlnet: Any = None  # the ControlNet being trained, as prepared (ControlNet runs; the U-Net is frozen), or None
 
     @property
     def text_encoders(self) -> list:
@@ -240,12 +242,16 @@ class Run:
 def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
     """Everything the U-Net loop needs, in the order it must be made (see the module docstring)."""
     config, acc = session.config, session.accelerator
-    distiller = teacher = None
+    distiller = teacher = controlnet = None
     if config.distill.enabled:  # the student starts as the teacher (distill.py)
         from .distill import Distiller, make_student
 
         teacher = make_student(pipe, config)
-    modules, train_te = choose_trained(session, pipe)
+    if config.controlnet.enabled:  # a trainable copy of the U-Net's encoder (controlnet.py)
+        from .controlnet import make_controlnet
+
+        controlnet = make_controlnet(pipe, config)
+    modules, train_te = choose_trained(session, pipe, controlnet)
     if config.distill.enabled:
         distiller = Distiller(session, pipe, noise_scheduler, teacher)
     started = time.perf_counter()
@@ -255,7 +261,7 @@ def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
     batches = BucketBatches(data.bucket_of, config.train.batch_size, config.train.seed, session.world, session.rank)
     dataset = TrainDataset(data.source, data.buckets, data.bucket_of, config.data, config.train.seed,
                            tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, time_ids=pipe.time_id_count,
-                           cache=cache)  # fmt: skip
+                           cache=cache, conditioning=controlnet is not None)  # fmt: skip
     workers = config.data.num_workers
     loader_kwargs = {"num_workers": workers, "pin_memory": session.device.type == "cuda"}
     if workers:
@@ -289,19 +295,20 @@ def setup(session: Session, pipe, noise_scheduler, data: TrainingData) -> Run:
         unet=_prepared_or_frozen(acc, modules, pipe.unet), text_encoder=_prepared_or_frozen(acc, modules, pipe.text_encoder),
         text_encoder_2=_prepared_or_frozen(acc, modules, pipe.text_encoder_2), train_text_encoder=train_te, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
         steps=session.steps(config.train.max_steps, "training", state), distill=distiller,
+        controlnet=None if controlnet is None else _prepared_or_frozen(acc, modules, controlnet),
     )  # fmt: skip
 
 
-def choose_trained(session: Session, pipe) -> tuple[list[torch.nn.Module], bool]:
+def choose_trained(session: Session, pipe, controlnet=None) -> tuple[list[torch.nn.Module], bool]:
     """Freeze what stays fixed, add LoRA adapters, set precision and memory options; returns the
-    modules to train and whether the text encoder is one of them."""
+    modules to train and whether the text encoder is one of them. A ``controlnet`` is trained alone."""
     config, device = session.config, session.device
     unet, vae, encoders = pipe.unet, pipe.vae, text_encoders(pipe)
     for module in (unet, vae, *encoders):
         module.requires_grad_(False).eval()
     lora = config.lora
-    train_unet = config.model.train_unet or lora.enabled
-    train_te = config.model.train_text_encoder  # (SDXL: both encoders)
+    train_unet = (config.model.train_unet or lora.enabled) and controlnet is None
+    train_te = config.model.train_text_encoder and controlnet is None  # (SDXL: both encoders)
     if lora.enabled:
         from ..models.lora import add_lora_adapter
 
@@ -327,15 +334,20 @@ def choose_trained(session: Session, pipe) -> tuple[list[torch.nn.Module], bool]
             if f"encoder.layers.{last}." in name or "final_layer_norm" in name:
                 param.requires_grad_(False)
     modules = ([unet] if train_unet else []) + (encoders if train_te else [])
+    if controlnet is not None:
+        modules.append(controlnet)
     if config.train.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        for module in (unet, controlnet) if controlnet is not None else (unet,):
+            module.to(memory_format=torch.channels_last)
+    if controlnet is not None and config.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # the frozen U-Net's activations are kept for the ControlNet's gradient
     for module in modules:
         module.train()
         if config.train.compile:
             module.compile()  # in place: names, state dicts and checkpoints stay those of the module
         if config.train.gradient_checkpointing:
-            if module is unet:
-                unet.enable_gradient_checkpointing()
+            if module is unet or module is controlnet:
+                module.enable_gradient_checkpointing()
             else:
                 module.gradient_checkpointing_enable()
     # Frozen parts run in the mixed-precision dtype to save memory; the SD VAE overflows in fp16, so it
@@ -344,16 +356,18 @@ def choose_trained(session: Session, pipe) -> tuple[list[torch.nn.Module], bool]
     if not train_te:
         for te in encoders:
             te.to(device, dtype=weight_dtype)
-    if unet not in modules:  # a text-encoder-only run still runs the frozen U-Net
+    if unet not in modules:  # a text-encoder-only or ControlNet run still runs the frozen U-Net
         unet.to(device, dtype=weight_dtype)
+    if controlnet is not None:
+        controlnet.to(device)  # trained in float32 (accelerate's autocast under mixed precision)
     # (torch's .to: diffusers' own warns about fp32-only modules even when the VAE lists none)
     torch.nn.Module.to(vae, device, dtype=torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
     if session.main:
         count = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
         what = "LoRA adapters" if lora.enabled else " + ".join(
-            n for n, m in (("U-Net", unet), ("text encoder", pipe.text_encoder), ("text encoder 2", pipe.text_encoder_2))
-            if m in modules
-        )
+            n for n, m in (("U-Net", unet), ("text encoder", pipe.text_encoder), ("text encoder 2", pipe.text_encoder_2),
+                           ("ControlNet", controlnet)) if m is not None and m in modules
+        )  # fmt: skip
         print(f"training {what}: {count:,} parameters")
     return modules, train_te
 
@@ -456,7 +470,8 @@ def _resume(session: Session, global_batch: int, objects: dict[str, Any]) -> Opt
 def _scan(session: Session) -> Source:
     """Main process: find and check the images; report and list the skipped ones."""
     config = session.config
-    source = scan(config.data, progress=config.train.progress)
+    column = config.controlnet.conditioning_column if config.controlnet.enabled else None
+    source = scan(config.data, progress=config.train.progress, conditioning=column)
     print(f"training data: {len(source.records)} images from {config.data.path}")
     if source.skipped:
         print(skipped_report(source.skipped))
