@@ -96,6 +96,21 @@ def test_a_new_controlnet_is_diffusers_from_unet(controlled, tiny_dir, tmp_path)
     assert zero and all(not p.any() for p in zero)
 
 
+def test_a_new_controlnet_reads_control_images_at_the_models_own_scale(controlled, tiny_dir, tmp_path):
+    """The default model's VAE downscales 4x, not SD's 8x: a new ControlNet's conditioning encoder must
+    bring a control image of the picture's size down to the latent size (diffusers' from_unet with its
+    (16, 32, 96, 256) default would make 8x8 features for 16x16 latents)."""
+    from latentdiff.train.controlnet import make_controlnet
+
+    pipe = LatentDiffusion.from_pretrained()  # the embedded default model: 64 px pictures, 16x16 latents
+    assert pipe.vae_scale_factor == 4
+    net = make_controlnet(pipe, config(controlled, tiny_dir, tmp_path))
+    latents = torch.zeros(1, pipe.unet.config.in_channels, 16, 16)
+    text = torch.zeros(1, 77, pipe.unet.config.cross_attention_dim)
+    down, mid = net(latents, 10, encoder_hidden_states=text, controlnet_cond=torch.zeros(1, 3, 64, 64), return_dict=False)
+    assert down[0].shape[-2:] == (16, 16) and mid.shape[-2:] == (16 // 2 ** (len(pipe.unet.down_blocks) - 1),) * 2
+
+
 def _perturbed_controlnet(tiny_dir: Path, folder: Path) -> Path:
     """A ControlNet of the tiny model whose zero convolutions are not zero (so its residuals count)."""
     from diffusers import ControlNetModel, UNet2DConditionModel

@@ -45,8 +45,20 @@ def make_controlnet(pipe, config) -> torch.nn.Module:
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.train.seed)
-            controlnet = controlnet_from_unet(pipe.unet, load_weights=True)
+            controlnet = controlnet_from_unet(pipe.unet, load_weights=True,
+                                              conditioning_embedding_out_channels=embedding_channels(pipe.vae_scale_factor))  # fmt: skip
     return controlnet.to(torch.float32).requires_grad_(True).train()
+
+
+def embedding_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """The channels of a new ControlNet's conditioning-image encoder, whose stride-2 convolutions
+    (one fewer than the entries) must bring the image down to the latent size: diffusers' (16, 32, 96,
+    256) for SD's 8x VAE, its first three for a 4x VAE (the default model's), and so on."""
+    steps = max(vae_scale_factor, 1).bit_length() - 1
+    if 2**steps != vae_scale_factor or not 1 <= steps <= 3:
+        raise InvalidInputError(f"a new ControlNet needs a VAE that downscales 2x, 4x or 8x; this one downscales "
+                                f"{vae_scale_factor}x (give controlnet.path, a ControlNet made for it)")  # fmt: skip
+    return (16, 32, 96, 256)[: steps + 1]
 
 
 def controlled_prediction(controlnet, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
