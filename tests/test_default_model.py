@@ -55,3 +55,29 @@ def test_cli_without_a_model_uses_it(tmp_path):
     assert cli(["generate", "red apple", "--steps", "2", "--seed", "1", "-o", str(out), "--no-progress"]) == 0
     recipe = read_recipe(out)
     assert recipe["prompt"] == "red apple" and recipe["model"]["path"] == str(DEFAULT_MODEL_DIR.resolve())
+
+
+def test_the_default_controlnet_puts_the_shape_where_its_silhouette_is():
+    """`--controlnet default`: shipped beside the model, small, documented; a silhouette drawn here
+    (the shapes builder's geometry, at places and in shapes the prompt does not name) decides where
+    the shape goes, and the prompt its colours, as read back from the pixels."""
+    from latentdiff.data.builders.shapes import Combo, draw
+    from latentdiff.evaluate import placed_fraction, read_shape
+    from latentdiff.generation.control import DEFAULT_CONTROLNET
+
+    files = [p for p in DEFAULT_CONTROLNET.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 8 * 1024 * 1024
+    assert "latentdiff eval" in (DEFAULT_CONTROLNET / "README.md").read_text()
+    combos = [Combo("red", "square", "top left", "white"), Combo("blue", "circle", "bottom right", "yellow"),
+              Combo("white", "star", "right", "black")]  # fmt: skip
+    rng = np.random.default_rng(5)
+    silhouettes = [draw(c, 64, rng, control="silhouette")[1] for c in combos]
+    pipe = LatentDiffusion.from_pretrained()
+    pipe.load_controlnet("default")
+    prompts = [f"a {c.colour} {c.shape} on a {c.background} background" for c in combos]  # no place in the words
+    images = pipe(prompts, control_image=silhouettes, seed=[0, 1, 2], num_inference_steps=12, guidance_scale=5.0,
+                  progress=False).images  # fmt: skip
+    assert placed_fraction(images, silhouettes) == 1.0
+    assert [(read_shape(im)["colour"], read_shape(im)["background"]) for im in images] == [
+        (c.colour, c.background) for c in combos
+    ]

@@ -124,3 +124,19 @@ def test_generate_lcm_uses_the_default_models_lcm_lora(monkeypatch, tmp_path, ca
     capsys.readouterr()
     assert main(["generate", "red apple", "--lcm", "--preset", "tiny", "-o", str(tmp_path)]) == 2
     assert "--lcm uses the default model's LCM-LoRA" in capsys.readouterr().err
+
+
+def test_the_shipped_lcm_lora_draws_the_prompts_colours_in_four_steps():
+    """The default model's LCM-LoRA is shipped, small, and in 4 steps without a guidance pass draws
+    what the caption asks for as the pixels read back say it (shape and background colour)."""
+    from latentdiff.evaluate import read_shape
+    from latentdiff.generation.pipeline import DEFAULT_LCM_LORA, LCM_CALL
+
+    assert DEFAULT_LCM_LORA.is_file() and DEFAULT_LCM_LORA.stat().st_size < 1024 * 1024
+    assert "benchmarks/lcm.py" in (DEFAULT_LCM_LORA.parent / "README.md").read_text()
+    pipe = LatentDiffusion.from_pretrained(lcm=True)
+    asked = [("red", "orange"), ("white", "black"), ("yellow", "blue"), ("green", "white")]
+    prompts = [f"a {c} circle in the center on a {b} background" for c, b in asked]
+    images = pipe(prompts, seed=[0, 1, 2, 3], progress=False, **LCM_CALL).images
+    seen = [read_shape(image) for image in images]
+    assert [(s["colour"], s["background"]) for s in seen] == asked, seen
