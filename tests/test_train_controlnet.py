@@ -341,6 +341,7 @@ def test_rows_without_a_usable_conditioning_image_are_skipped_with_a_reason(cont
     ("distill.enabled=true", "turn off distill.enabled"),
     ("validation.prompts=['a', 'b']", "one validation.control_images entry per validation prompt: 2 prompt(s), 0 control"),
     ("model.preset='tiny-sdxl'", "SD 1.x / 2.x models so far; model.preset 'tiny-sdxl' is SDXL"),
+    ("controlnet.path='/nowhere/controlnet'", "controlnet.path: /nowhere/controlnet does not exist"),
 ])  # fmt: skip
 def test_settings_are_one_line_before_any_work(controlled, tiny_dir, tmp_path, capsys, setting, message):
     args = [

@@ -266,6 +266,8 @@ def _check_controlnet(config: TrainConfig, need) -> None:
     need(not others,
          f"ControlNet training trains the ControlNet alone, with the model frozen; turn off {', '.join(others)}")  # fmt: skip
     need(bool(c.conditioning_column), "controlnet.conditioning_column must name the data's conditioning image column")
+    need(not c.path or Path(c.path).expanduser().exists(),
+         f"controlnet.path: {c.path} does not exist; give a ControlNetModel folder or file, or \"\" for a new ControlNet")  # fmt: skip
     if not config.model.path:
         from ..models.architectures import get_preset, is_sdxl
 
