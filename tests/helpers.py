@@ -4,6 +4,7 @@ in conftest.py), never from each other."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import numpy as np
 from diffusers import (
@@ -83,6 +84,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_in_two_processes(config: Path, settings: list[str], timeout: int = 900):
+    """``torchrun --nproc_per_node 2 training/train.py --config CONFIG --set ...`` at one CPU thread per
+    process (the multi-process tests compare it with a run in this process); the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(root / "training" / "train.py"), "--config", str(config)]  # fmt: skip
+    for item in settings:
+        command += ["--set", item]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
 
 
 class NetworkUsed(RuntimeError):

@@ -4,10 +4,7 @@ LCM pipelines load and run to the same images as ours."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import free_port
+from helpers import train_in_two_processes
 from latentdiff import InvalidInputError, LatentDiffusion
 from latentdiff.cli import main
 from latentdiff.train.config import TrainConfig
@@ -131,13 +128,8 @@ def test_lcm_lora_two_processes_equal_one_and_diffusers_runs_it(tiny_dir, shapes
 
     common = ["train.max_steps=2", "optim.eps=1e-3", "train.ema=false", "lora.enabled=true", "lora.rank=4",
               "lora.alpha=4.0", "lora.layout='peft'", "optim.lr=1e-2"]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(ROOT / "training" / "train.py"), "--config", str(CONFIG), "--set", f"data.path={shapes}",
-               "--set", f"model.path={tiny_dir}", "--set", f"train.output_dir={tmp_path / 'two'}",
-               "--set", "train.batch_size=1"]  # fmt: skip
-    for item in DISTILL + common:
-        command += ["--set", item]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = train_in_two_processes(CONFIG, [f"data.path={shapes}", f"model.path={tiny_dir}", f"train.output_dir={tmp_path / 'two'}",
+                                           "train.batch_size=1", *DISTILL, *common], timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     one = train(config(shapes, tiny_dir, tmp_path / "one", "train.batch_size=2", *common))
     two = load_file(tmp_path / "two" / "lora.safetensors")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from helpers import free_port
+from helpers import free_port, train_in_two_processes
 from latentdiff import InvalidInputError, LatentDiffusion
 from latentdiff.cli import main
 from latentdiff.train.config import ObjectiveConfig, TrainConfig
@@ -97,13 +97,8 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_complete_one(shapes, 
 
 def test_two_processes_equal_one_with_the_same_global_batch(shapes, tmp_path):
     common = ["train.max_steps=3", "checkpoint.every=0", "optim.eps=1e-3", "train.ema=false"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(ROOT / "training" / "train.py"), "--config", str(CONFIG), "--set", f"data.path={shapes}",
-               "--set", f"train.output_dir={tmp_path / 'two'}", "--set", "train.batch_size=1",
-               "--set", "validation.prompts=['a red circle', 'a blue square', 'a green circle']"]  # fmt: skip
-    for item in common:
-        command += ["--set", item]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = train_in_two_processes(CONFIG, [f"data.path={shapes}", f"train.output_dir={tmp_path / 'two'}", "train.batch_size=1",
+                                           "validation.prompts=['a red circle', 'a blue square', 'a green circle']", *common])  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: 3 steps") == 1  # one report, from the main process
     two = tmp_path / "two"
@@ -655,13 +650,8 @@ def test_sdxl_lora_run_writes_both_encoders_kohya_keys_that_apply(wide_shapes, t
 def test_sdxl_two_processes_equal_one_with_the_same_global_batch(wide_shapes, tmp_path):
     common = ["train.max_steps=2", "checkpoint.every=0", "optim.eps=1e-3", "train.ema=false", "model.preset='tiny-sdxl'",
               "data.bucket_step=32", "data.center_crop=false"]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(ROOT / "training" / "train.py"), "--config", str(CONFIG), "--set", f"data.path={wide_shapes}",
-               "--set", f"train.output_dir={tmp_path / 'two'}", "--set", "train.batch_size=1",
-               "--set", "validation.prompts=[]"]  # fmt: skip
-    for item in common:
-        command += ["--set", item]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = train_in_two_processes(CONFIG, [f"data.path={wide_shapes}", f"train.output_dir={tmp_path / 'two'}",
+                                           "train.batch_size=1", "validation.prompts=[]", *common])  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     one = train(config(wide_shapes, tmp_path / "one", "train.batch_size=2", "validation.prompts=[]", *common))
     wa, wb = sdxl_weights(tmp_path / "two" / "model"), sdxl_weights(one.model_dir)

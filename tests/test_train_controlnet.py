@@ -6,10 +6,7 @@ bad input."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -17,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import free_port
+from helpers import train_in_two_processes
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
@@ -239,15 +236,8 @@ def test_resume_is_exact_and_the_controlnet_loads_in_diffusers_and_ours(controll
 
 def test_two_processes_equal_one_with_the_same_global_batch(controlled, tiny_dir, tmp_path):
     common = ["train.max_steps=3", "optim.eps=1e-3", "train.ema=false"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(ROOT / "training" / "train.py"), "--config", str(CONFIG), "--set", f"data.path={controlled}",
-               "--set", f"model.path={tiny_dir}", "--set", f"train.output_dir={tmp_path / 'two'}",
-               "--set", "train.batch_size=1"]  # fmt: skip
-    for item in CONTROLNET + common:
-        command += ["--set", item]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=900, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    done = train_in_two_processes(CONFIG, [f"data.path={controlled}", f"model.path={tiny_dir}",
+                                           f"train.output_dir={tmp_path / 'two'}", "train.batch_size=1", *CONTROLNET, *common])  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: 3 steps; result in") == 1 and str(tmp_path / "two" / "controlnet") in done.stdout
     one = train(config(controlled, tiny_dir, tmp_path / "one", "train.batch_size=2", *common))
