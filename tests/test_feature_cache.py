@@ -123,3 +123,33 @@ def test_a_cached_call_is_the_shallow_path_on_the_kept_feature(tiny):
     assert cache.full_calls == 1 and torch.equal(first, plain1)
     torch.testing.assert_close(second, expected, atol=1e-6, rtol=0)
     assert (second - plain2).abs().max() > 1e-3  # the deep path really was not recomputed
+
+
+def test_the_cache_equals_the_deepcache_package_on_diffusers_pipeline(tiny):
+    """The deepcache package (Ma et al.'s own helper) wrapped around diffusers' StableDiffusionPipeline
+    on the same weights makes the same cached images, bit for bit, at several intervals. (With a
+    sampler of one U-Net call per step, DDIM here: ours counts U-Net calls, the package counts
+    positions in the timestep list, which differ where a sampler calls the U-Net twice at a step.)"""
+    deepcache = pytest.importorskip("DeepCache", reason="pip install DeepCache (the test extra has it)")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+                                  scheduler=DDIMScheduler.from_config(tiny.scheduler_config), safety_checker=None,
+                                  feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    helper = deepcache.DeepCacheSDHelper(pipe=ref)
+    prompts = ["a cat", "a red circle"]
+    for interval in (2, 3):
+        ours = tiny(prompts, num_inference_steps=7, guidance_scale=4.0, seed=[0, 1], cache_interval=interval,
+                    scheduler="ddim", output_type="np", progress=False).images  # fmt: skip
+        helper.set_params(cache_interval=interval, cache_branch_id=0)
+        helper.enable()
+        try:
+            theirs = ref(prompts, num_inference_steps=7, guidance_scale=4.0, output_type="np",
+                         generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images  # fmt: skip
+        finally:
+            helper.disable()
+        assert np.array_equal(np.asarray(ours), theirs), interval
+        plain = tiny(prompts, num_inference_steps=7, guidance_scale=4.0, seed=[0, 1], scheduler="ddim", output_type="np",
+                     progress=False)  # fmt: skip
+        assert not np.array_equal(plain.images, ours)  # the cache changed the images (so equality says something)
