@@ -94,7 +94,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        _public(tmp)
         new = tmp.with_name(tmp.name.removesuffix(".tmp") + ".new")
         os.replace(tmp, new)  # complete: from here on a crash is finished by recover_dir, not undone
         tmp = new
@@ -104,6 +104,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     recover_dir(path)  # (removes the old folder)
+
+
+def _public(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions of a plain new file or folder (the
+    umask's): mkdtemp makes 0700, and libraries that write through their own temporary files
+    (diffusers' save_pretrained) leave 0600 weights that no one else on a shared machine could read."""
+    umask = _umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                os.chmod(file, (0o666 & ~umask) | (os.stat(file).st_mode & 0o111 & ~umask))
 
 
 def _swap_in(new: Path, path: Path) -> None:

@@ -59,6 +59,10 @@ def test_save_over_an_earlier_model_replaces_it(tiny, tmp_path):
     assert not (target / "stale.txt").exists() and (target / "model_index.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
     assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()  # an ordinary folder, not mkdtemp's 0700
+    # and ordinary files: diffusers' save_pretrained writes its weights through a 0600 temporary file
+    for file in target.rglob("*"):
+        expected = 0o777 & ~_umask() if file.is_dir() else 0o666 & ~_umask()
+        assert file.stat().st_mode & 0o777 == expected, file
 
 
 def _umask() -> int:
