@@ -350,7 +350,6 @@ def evaluate(args) -> int:
         device=_device(args.device), progress=not args.no_progress, lcm=args.lcm, controlnet=args.controlnet,
         control_scale=args.control_scale,
     )  # fmt: skip
-    config.check()  # before the model loads
     set_threads(args.threads, config.device)
     if args.json and not Path(args.json).parent.is_dir():  # before minutes of work, not after
         raise InvalidInputError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")

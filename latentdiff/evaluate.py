@@ -32,7 +32,7 @@ import torch
 
 from .checks import check_float, positive_int
 from .data.builders import read_dataset_info, read_split
-from .data.builders.shapes import COLOURS, POSITIONS, SHAPES, draw_shape
+from .data.builders.shapes import COLOURS, CONTROL_COLUMN, POSITIONS, SHAPES, draw_shape
 from .errors import InvalidInputError, MissingFileError
 from .fileio import atomic_write
 
@@ -41,7 +41,6 @@ PSNR_CAP_DB = 100.0  # identical images would give infinity, which JSON cannot h
 THUMB = 32  # pixel-space retrieval compares 32x32 thumbnails: robust to one-pixel shifts and noise
 TEMPLATE = 24  # shape masks are compared at 24x24
 PLACED_IOU = 0.5  # a shape is "placed" when it overlaps the control image's silhouette at least this much
-CONTROL_COLUMN = "conditioning_image"  # where a shapes data set made with --control names each control image
 
 
 @dataclass

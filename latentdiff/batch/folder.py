@@ -51,15 +51,15 @@ def prepare_folder(out, items: list[Item], run_info: dict, default_size: int, ov
     _clear_temporary(out)
     for name in out.names("errors.part-*.jsonl"):  # errors are found afresh by every run
         out.remove(name)
-    foreign, unlisted = _foreign(out, items, run_info, default_size, overwrite)
+    previous = _read_run_file(out)
+    foreign, unlisted = _foreign(out, items, run_info, default_size, overwrite, previous)
     for name in foreign:
         out.remove(name)
     restored = PartWriter(out, "restored")
     for item, recipe in unlisted:
         restored.add(manifest_line(item, recipe, None))
     restored.flush()
-    previous = _read_run_file(out) if not foreign else None
-    threads = (previous or {}).get("cpu_threads"), run_info.get("cpu_threads")
+    threads = (None if foreign else (previous or {}).get("cpu_threads")), run_info.get("cpu_threads")
     if None not in threads and threads[0] != threads[1]:  # run.json keeps the count the run started with
         import warnings
 
@@ -77,13 +77,13 @@ def _clear_temporary(out) -> None:
             out.remove(name)
 
 
-def _foreign(out, items: list[Item], run_info: dict, default_size: Optional[int], overwrite: bool):
+def _foreign(out, items: list[Item], run_info: dict, default_size: Optional[int], overwrite: bool, previous=None):
     """(names of images of another run, images of this run without a manifest line); without
     ``overwrite`` the first is an error. A key ``run_info`` lacks (the weight hash, before loading)
     is not compared. An image's recipe is read from its manifest line where it has one (the line
     is written from the same values, after the file), else from the PNG."""
     current = {it.file: it for it in items}
-    previous = _read_run_file(out)
+    previous = _read_run_file(out) if previous is None else previous  # (run.json as read by the caller)
     same_run = previous is None or _comparable(previous, run_info) == _comparable(run_info, run_info)
     foreign: list[str] = []  # images of another run
     unlisted: list[tuple[Item, dict]] = []
